@@ -1,0 +1,33 @@
+# Everyday commands. `make demo` goes from a fresh clone to a trained Fashion-MNIST model on a CPU.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA := data/fashion-mnist
+DEMO_ARGS ?= --preset fashion-mnist --name demo
+
+.PHONY: venv data demo test lint
+
+venv: $(VENV)/.installed
+
+# Reinstalls only when pyproject.toml changes (the stamp is older); torch alone is a few GB.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+# Idempotent: the script skips a folder it has already prepared.
+data: venv
+	$(PY) -m classifier.fashion_mnist $(DATA)
+
+# The demo run always starts afresh; train.py itself refuses to overwrite an existing run.
+demo: venv data
+	rm -rf runs/demo
+	$(PY) train.py $(DEMO_ARGS)
+	@echo "demo run written to runs/demo/ (metrics.jsonl, checkpoints/, plots/); view: tensorboard --logdir runs"
+
+# pytest's exit code 5 (no tests collected) fails this target like any other non-zero exit.
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m ruff check .

@@ -1,0 +1,33 @@
+"""Test helpers shared by the test files: running the project's scripts as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(
+    args: list[str], cwd: Path | str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python *args` with the repo importable; never raises on a non-zero exit.
+
+    `env` adds to (not replaces) the current environment. The output is printed so that pytest shows it
+    when the test fails; tests assert on `returncode` themselves.
+    """
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), full_env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    print(f"$ python {' '.join(map(str, args))}  (cwd {cwd}, exit {proc.returncode})")
+    print(f"--- stdout ---\n{proc.stdout}--- stderr ---\n{proc.stderr}")
+    return proc
