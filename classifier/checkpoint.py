@@ -1,0 +1,147 @@
+"""Checkpoints: the full training state as one plain dict, written atomically, read weights-only.
+
+A checkpoint holds everything a resume needs (model, EMA, optimizer, scaler, counters, RNG states,
+metric sums) plus everything inference needs (classes in training order, preprocessing, model name).
+It is plain data: `torch.load(weights_only=True)` reads it, and a file that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from classifier.config import TrainConfig, from_dict
+from classifier.models import build_model
+
+FORMAT = "classifier-training/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`. A crash at any moment leaves either the old
+    file or the new one, never a half-written file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A run directory means its checkpoints/last.pt; a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint of ours on the CPU, weights-only (no code runs), with errors naming the file."""
+    path = find_checkpoint(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot load checkpoint {path}: it is corrupt, truncated or not plain data ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a classifier-training checkpoint (format {FORMAT!r})")
+    return state
+
+
+def load_run_config(path: Path) -> TrainConfig:
+    return from_dict(load_checkpoint(path)["config"])
+
+
+def inference_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights that were validated: the EMA model's when EMA was on, else the raw model's."""
+    if checkpoint.get("ema") is not None:
+        prefix = "module."
+        ema = checkpoint["ema"]
+        return {k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)}, "ema"
+    return checkpoint["model"], "raw"
+
+
+def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
+    """Rebuild the architecture from the checkpoint's config and load the validated weights, eval mode."""
+    cfg = from_dict(checkpoint["config"])
+    model = build_model(cfg.model, len(checkpoint["classes"]), small_input_stem=cfg.small_input_stem)
+    weights, which = inference_weights(checkpoint)
+    model.load_state_dict(weights)
+    return model.eval(), which
+
+
+# --- RNG state --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) generator states as plain data."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- what inference consumers read ------------------------------------------------------------------
+
+
+def labels_mapping(classes: list[str], preprocessing: dict, model_name: str, **extra) -> dict:
+    """The sidecar: class order as trained (never rebuilt from folder names), and the preprocessing."""
+    return {
+        "num_classes": len(classes),
+        "idx_to_class": {str(i): name for i, name in enumerate(classes)},
+        "class_to_idx": {name: i for i, name in enumerate(classes)},
+        "preprocessing": preprocessing,
+        "model": model_name,
+        **extra,
+    }
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """Weights only, with string metadata (safetensors allows str -> str). channels_last tensors must be
+    made contiguous first, and shared storage cloned, or save_file refuses them."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -1,0 +1,214 @@
+"""The run's configuration: tyro dataclasses, nested one level (`--data.root`, `--optim.lr`).
+
+Every field's docstring is its `--help` text. This module owns parsing (presets, `--resume`) and the
+JSON round trip; it computes nothing derived (steps per epoch, EMA decay): train.py does that once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+# torchvision's ImageNet statistics: the right normalization for its pretrained weights
+# (https://pytorch.org/vision/stable/models.html).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ModelName = Literal[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "convnext_tiny",
+    "regnet_y_400mf",
+]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: Path = Path("data/fashion-mnist")
+    """ImageFolder root holding `train/` and optionally `val/` and `test/`, one folder per class."""
+    image_size: int = 224
+    """Side of the square image the model sees (train crop and eval crop)."""
+    resize_size: int | None = None
+    """Eval resize of the shorter side before the center crop; default image_size * 256 / 224."""
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    """Resize interpolation, for training and evaluation alike (and recorded in the export sidecar)."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean (RGB, on the 0-1 scale) subtracted before the model."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel standard deviation (RGB, 0-1 scale) divided out before the model."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range for training; (0.08, 1.0) is torchvision's default."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range for training."""
+    hflip: bool = True
+    """Random horizontal flip in training. Turn off for digits and text (a flipped 2 is not a 2)."""
+    color_jitter: float = 0.0
+    """Brightness/contrast/saturation jitter strength in training (0 disables it)."""
+    val_fraction: float = 0.1
+    """When there is no `val/` folder: the fraction of each class held out of `train/` (seeded, stratified)."""
+    batch_size: int = 64
+    """Images per device per forward pass. The global batch is batch_size * world size * grad_accum_steps."""
+    num_workers: int = 4
+    """DataLoader worker processes (0 loads in the main process, as --debug does)."""
+    weighted_sampler: bool = False
+    """Draw training images with replacement, weighted so that every class is drawn equally often."""
+    class_weighted_loss: bool = False
+    """Weight the cross-entropy by inverse class frequency of the train split."""
+    max_train_batches: int | None = None
+    """Cap on training batches per epoch (smoke tests and --debug); None uses the whole split."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """AdamW, or SGD with Nesterov momentum."""
+    lr: float | None = None
+    """Peak learning rate. Default: 1e-4 (AdamW) when pretrained, 1e-3 (AdamW) from scratch, 0.1 for SGD."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay; never applied to norm layers and biases."""
+    momentum: float = 0.9
+    """SGD momentum (Nesterov)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_epochs: float = 1.0
+    """Linear warmup from ~0 to the peak LR over this many epochs (fractions allowed)."""
+    min_lr_ratio: float = 0.01
+    """The cosine decays to lr * min_lr_ratio at the last step."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    clip_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (after unscaling under fp16); None disables."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelName = "resnet18"
+    """torchvision classification model; its head is replaced for the dataset's class count."""
+    pretrained: str | None = None
+    """'DEFAULT' for torchvision's weights from the TORCH_HOME cache, or a path to a .pth/.safetensors file."""
+    small_input_stem: bool = False
+    """ResNets only: 3x3 stride-1 first conv and no max-pool, for 28-64 px images (CIFAR-style stem)."""
+    epochs: int = 10
+    """Training epochs."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype. fp16 uses a GradScaler (CUDA only); bf16 needs none."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    channels_last: bool = False
+    """Use the channels_last memory format for the model and the images (faster convs on GPU)."""
+    compile: bool = False
+    """torch.compile the model (long cold start; checkpoints still hold the plain module)."""
+    ema_half_life_epochs: float | None = 0.5
+    """EMA half-life in epochs, turned into a per-step decay; None disables EMA."""
+    seed: int = 0
+    """Seeds model init, data order and augmentation; the same seed reproduces a run on CPU bit for bit."""
+    name: str | None = None
+    """Run name: the run lives in OUT_DIR/NAME. Default: <model>-<data root folder name>."""
+    out_dir: Path = Path("runs")
+    """Parent folder of run directories."""
+    resume: Path | None = None
+    """Run directory (or checkpoint file) to continue; its saved config is the base for other flags."""
+    checkpoint_every_steps: int | None = None
+    """Also write checkpoints/last.pt every N optimizer steps (mid-epoch), besides every epoch."""
+    log_every_steps: int = 50
+    """Steps between log lines and TensorBoard points."""
+    progress: bool = True
+    """Show tqdm progress bars (rank 0 only)."""
+    debug: bool = False
+    """Main-process data loading, a few batches, anomaly detection, and an overfit-one-batch check."""
+    preset: str | None = None
+    """Named preset from configs/ used as the base (`--preset fashion-mnist`); flags after it override it."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# --- JSON round trip --------------------------------------------------------------------------------
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """Plain JSON-able data (Paths as str, tuples as lists): what config.json and checkpoints hold."""
+
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(raw: dict) -> TrainConfig:
+    """Inverse of to_dict: restores Paths, tuples and nested dataclasses; unknown keys are an error."""
+
+    def build(cls, values: dict):
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(f"unknown config keys for {cls.__name__}: {unknown}")
+        kwargs = {}
+        for name, value in values.items():
+            hint = hints[name]
+            if dataclasses.is_dataclass(hint):
+                value = build(hint, value)
+            elif value is not None and Path in (hint, *typing.get_args(hint)):
+                value = Path(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    return build(TrainConfig, raw)
+
+
+def save_json(cfg: TrainConfig, path: Path, **extra) -> None:
+    path.write_text(json.dumps({**to_dict(cfg), **extra}, indent=2) + "\n")
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `--flag VALUE` or `--flag=VALUE` in argv, read before tyro parses the rest."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_cli(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """Parse train.py's flags. The base config is, in order of precedence: the resumed run's saved
+    config (`--resume`), a named preset (`--preset`), or the dataclass defaults. Flags override the base.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    base = TrainConfig()
+    preset = _flag_value(argv, "--preset")
+    resume = _flag_value(argv, "--resume")
+    if resume is not None:
+        from classifier.checkpoint import load_run_config  # local import: checkpoint imports config
+
+        base = load_run_config(Path(resume))
+    elif preset is not None:
+        from configs import get_preset
+
+        base = get_preset(preset)
+    return tyro.cli(TrainConfig, default=base, args=argv, description=description)

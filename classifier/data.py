@@ -1,0 +1,348 @@
+"""ImageFolder data: the class mapping, the splits, the transforms, the sampler and the loaders.
+
+Each split is its own dataset with its own transform (train augments, val/test do not). The class
+mapping is built once from `train/` and applied to every split. Randomness (order and augmentation) is a
+pure function of (seed, epoch, position in the epoch), which makes resume exact and results independent
+of the number of workers. Model, loss and metrics live elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+# What torchvision's ImageFolder accepts, lower case.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+Sample = tuple[str, int]  # (file path, class index)
+
+
+# --- classes and splits ------------------------------------------------------------------------------
+
+
+def class_sort_key(name: str) -> tuple:
+    """Numeric names sort as numbers ("2" before "10"), before any non-numeric names, which sort as text.
+    Plain sorted() would put "10" before "2": a classic silent label scramble for jersey numbers."""
+    return (0, int(name), name) if name.isdigit() else (1, name)
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"data split folder not found: {split_dir}")
+    names = [p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not names:
+        raise ValueError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image files>")
+    return sorted(names, key=class_sort_key)
+
+
+def list_images(split_dir: Path, class_to_idx: dict[str, int]) -> list[Sample]:
+    """All image files of one split, labelled with the shared mapping. A class folder the mapping does
+    not know is an error naming it; a known class missing from this split is a warning."""
+    present = find_classes(split_dir)
+    unknown = [name for name in present if name not in class_to_idx]
+    if unknown:
+        raise ValueError(f"{split_dir} has class folders not in train/: {unknown}")
+    missing = [name for name in class_to_idx if name not in present]
+    if missing:
+        warnings.warn(f"{split_dir} has no folder for classes {missing}", stacklevel=2)
+    samples = []
+    for name in present:
+        for path in sorted((split_dir / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                samples.append((str(path), class_to_idx[name]))
+    return samples
+
+
+def stratified_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `fraction` of every class (at least one image when the class has two or more)."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = by_class[label]
+        order = torch.randperm(len(items), generator=generator).tolist()
+        n_val = min(len(items) - 1, max(1, round(fraction * len(items)))) if len(items) > 1 else 0
+        val += [items[i] for i in order[:n_val]]
+        train += [items[i] for i in order[n_val:]]
+    return train, val
+
+
+@dataclass
+class Splits:
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+
+def build_splits(root: Path, val_fraction: float, seed: int, classes: list[str] | None = None) -> Splits:
+    """Read root/train, root/val (or a stratified hold-out of train) and root/test when present.
+    Pass `classes` (from a checkpoint) to insist on a known mapping instead of reading it from train/."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data.root {root} does not exist")
+    found = find_classes(root / "train")
+    if classes is not None and found != list(classes):
+        raise ValueError(describe_class_mismatch(list(classes), found, root / "train"))
+    classes = found
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    train = list_images(root / "train", class_to_idx)
+    if not train:
+        raise ValueError(f"no image files under {root / 'train'} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    if (root / "val").is_dir():
+        val = list_images(root / "val", class_to_idx)
+    else:
+        train, val = stratified_split(train, val_fraction, seed)
+    test = list_images(root / "test", class_to_idx) if (root / "test").is_dir() else []
+    empty_val = [classes[c] for c in range(len(classes)) if not any(label == c for _, label in val)]
+    if empty_val:
+        warnings.warn(f"classes with no validation images: {empty_val}", stacklevel=2)
+    return Splits(classes, train, val, test)
+
+
+def describe_class_mismatch(expected: list[str], found: list[str], where: Path) -> str:
+    only_expected = [c for c in expected if c not in found]
+    only_found = [c for c in found if c not in expected]
+    lines = [f"the classes in {where} disagree with the checkpoint's class mapping:"]
+    if only_expected:
+        lines.append(f"  missing from the data: {only_expected}")
+    if only_found:
+        lines.append(f"  not in the checkpoint: {only_found}")
+    if not only_expected and not only_found:
+        lines.append(f"  same names, different order: checkpoint {expected} vs data {found}")
+    return "\n".join(lines)
+
+
+def class_counts(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor([label for _, label in samples], dtype=torch.long), minlength=num_classes)
+
+
+def inverse_frequency_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per-class loss weights n / (k * n_c): 1 for every class when balanced. Empty classes get 0."""
+    counts = counts.double()
+    weights = counts.sum() / (len(counts) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
+
+
+def fingerprint(splits: Splits) -> dict:
+    """Class counts per split and a hash of the sorted (path, label) list: tells whether two runs saw the
+    same data without storing the file list."""
+    digest = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        for path, label in sorted(getattr(splits, split)):
+            digest.update(f"{split}\t{path}\t{label}\n".encode())
+    k = len(splits.classes)
+    return {
+        "classes": splits.classes,
+        "counts": {s: class_counts(getattr(splits, s), k).tolist() for s in ("train", "val", "test")},
+        "files_sha256": digest.hexdigest(),
+    }
+
+
+# --- transforms --------------------------------------------------------------------------------------
+
+
+def preprocessing_spec(
+    image_size: int,
+    resize_size: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str,
+) -> dict:
+    """Everything a consumer needs to prepare an image exactly as evaluation does. Travels with every
+    checkpoint and export, so nobody has to guess (DESIGN.md pitfall 10)."""
+    return {
+        "color": "RGB",
+        "resize_shorter_side": resize_size or round(image_size * 256 / 224),
+        "center_crop": image_size,
+        "interpolation": interpolation,
+        "scale": "divide by 255 to [0, 1], then subtract mean and divide by std",
+        "mean": list(mean),
+        "std": list(std),
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+def eval_transform(spec: dict) -> T.Compose:
+    """uint8 CHW RGB tensor -> normalized float32 tensor, exactly as `spec` says."""
+    interpolation = InterpolationMode(spec["interpolation"])
+    return T.Compose(
+        [
+            T.Resize(spec["resize_shorter_side"], interpolation=interpolation, antialias=True),
+            T.CenterCrop(spec["center_crop"]),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(spec["mean"], spec["std"]),
+        ]
+    )
+
+
+def train_transform(
+    image_size: int,
+    crop_scale: tuple[float, float],
+    crop_ratio: tuple[float, float],
+    hflip: bool,
+    color_jitter: float,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str,
+) -> T.Compose:
+    steps = [
+        T.RandomResizedCrop(
+            image_size, scale=crop_scale, ratio=crop_ratio, interpolation=InterpolationMode(interpolation), antialias=True
+        )
+    ]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if color_jitter > 0:
+        steps.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    return T.Compose(steps)
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Any image file -> uint8 RGB CHW tensor. EXIF orientation is applied (phone photos); grayscale,
+    palette, CMYK and alpha images become plain RGB."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return T.functional.pil_to_tensor(image.convert("RGB"))
+    except Exception as err:  # PIL raises many types; all mean the same to the user
+        raise RuntimeError(f"cannot read image {path}: {err}") from err
+
+
+class ImageDataset(Dataset):
+    """(path, label) pairs -> (image tensor, label). A key is an index, or (index, seed) from
+    EpochSampler: the transform then draws its randomness from `seed`, not from worker state."""
+
+    def __init__(self, samples: Sequence[Sample], transform):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        image = load_image(path)
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler):
+    """One sampler for every case: shuffled or weighted (with replacement) training draws, in-order
+    evaluation, one process or a shard per DDP rank.
+
+    Each epoch's draw is a function of (seed, epoch) alone, so every rank computes the same global draw
+    and keeps its own disjoint share `draw[rank::world]` (PyTorch has no distributed weighted sampler).
+    Training yields (index, sample_seed) keys so augmentation is reproducible too. `set_epoch(epoch,
+    start)` skips the first `start` keys of this rank's share: how a mid-epoch resume continues exactly.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        weights: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.weights = None if weights is None else weights.double()
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _per_rank(self) -> int:
+        # Training pads the draw to a multiple of the world size (every rank must step equally often);
+        # evaluation never pads, so no image is counted twice.
+        if self.shuffle:
+            return math.ceil(self.num_samples / self.world_size)
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return self._per_rank() - self.start
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's global (indices, sample seeds), identical on every rank."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is not None:
+            indices = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        else:
+            indices = torch.randperm(self.num_samples, generator=generator)
+        total = self._per_rank() * self.world_size
+        indices = torch.cat([indices, indices[: total - len(indices)]])  # pad by wrapping around
+        seeds = torch.randint(0, 2**62, (total,), generator=generator)
+        return indices, seeds
+
+    def __iter__(self) -> Iterator:
+        if not self.shuffle:
+            yield from range(self.rank + self.start * self.world_size, self.num_samples, self.world_size)
+            return
+        indices, seeds = self.draw()
+        mine = slice(self.rank + self.start * self.world_size, None, self.world_size)
+        yield from zip(indices[mine].tolist(), seeds[mine].tolist(), strict=True)
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: EpochSampler,
+    *,
+    batch_size: int,
+    num_workers: int,
+    drop_last: bool,
+    pin_memory: bool,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,  # page-locked host memory lets the .to(device, non_blocking=True) overlap
+        persistent_workers=num_workers > 0,  # keep workers (and their imports) alive across epochs
+        prefetch_factor=4 if num_workers > 0 else None,
+        # Its own generator: creating an iterator draws the workers' base seed, and drawing it from the
+        # global RNG would make the model's RNG stream (dropout) depend on when the loader was iterated.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def class_table(classes: list[str], counts: dict[str, torch.Tensor]) -> str:
+    """Per-class image counts for each split, and the train split's imbalance ratio (largest/smallest)."""
+    splits = [name for name, c in counts.items() if int(c.sum()) > 0]
+    width = max(5, *(len(name) for name in classes))
+    lines = [f"{'class':<{width}} " + " ".join(f"{s:>8}" for s in splits)]
+    for i, name in enumerate(classes):
+        lines.append(f"{name:<{width}} " + " ".join(f"{int(counts[s][i]):>8}" for s in splits))
+    train = counts["train"]
+    ratio = train.max().item() / max(1, train[train > 0].min().item()) if int(train.sum()) else float("nan")
+    lines.append(f"{len(classes)} classes, imbalance ratio (train, largest/smallest) {ratio:.1f}")
+    return "\n".join(lines)

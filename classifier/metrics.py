@@ -1,0 +1,87 @@
+"""torchmetrics collections and the validation pass.
+
+One pattern everywhere: update in the step, compute and reset at epoch end. Under DDP torchmetrics
+gathers the states across ranks in compute(), and EpochSampler never pads evaluation data, so every
+validation image is counted exactly once.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
+
+from classifier.distributed import all_reduce_sum
+
+
+def build_val_metrics(num_classes: int) -> MetricCollection:
+    metrics = {
+        "top1": MulticlassAccuracy(num_classes, average="micro"),
+        "per_class_acc": MulticlassAccuracy(num_classes, average=None),
+        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+        "macro_auroc": MulticlassAUROC(num_classes, average="macro"),
+        "confusion": MulticlassConfusionMatrix(num_classes),
+    }
+    if num_classes >= 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+def build_train_metrics(num_classes: int) -> dict[str, Metric]:
+    """Running loss and accuracy of the training batches. No argument checks and no NaN filtering in the
+    hot path: both are sync points on GPU, and a NaN loss must show, not be dropped. Persistent, so a
+    mid-epoch checkpoint carries the partial sums and a resumed epoch reports what an uninterrupted would."""
+    metrics = {
+        "loss": MeanMetric(nan_strategy="disable"),
+        "top1": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+    }
+    for metric in metrics.values():
+        metric.persistent(True)
+    return metrics
+
+
+def to_plain(computed: dict[str, torch.Tensor]) -> dict:
+    """Tensors -> floats (scalars) and lists (per-class values, the confusion matrix) for JSON."""
+    return {name: value.item() if value.ndim == 0 else value.tolist() for name, value in computed.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    metrics: MetricCollection,
+    *,
+    device: torch.device,
+    autocast: AbstractContextManager,
+    channels_last: bool = False,
+) -> dict:
+    """Run `model` over `loader` and return the computed metrics (plain numbers), with the mean loss."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(images)
+        logits = logits.float()  # metrics and softmax in fp32, whatever the autocast dtype
+        metrics.update(logits, labels)
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        count += len(labels)
+    all_reduce_sum(loss_sum)
+    all_reduce_sum(count)
+    result = to_plain(metrics.compute())  # gathers across ranks: a sync point
+    metrics.reset()
+    result["loss"] = (loss_sum / count.clamp(min=1)).item()
+    return result

@@ -1,0 +1,100 @@
+"""Build a torchvision classification model by name, with its head sized for the dataset.
+
+Pretrained weights never come from the network at run time: 'DEFAULT' reads torchvision's cache under
+TORCH_HOME, and a path reads a local .pth/.safetensors file. Training, evaluation and export all build
+their model here, so the three can never disagree about the architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch import nn
+
+
+def build_model(name: str, num_classes: int, *, pretrained: str | None = None, small_input_stem: bool = False) -> nn.Module:
+    """A torchvision model with `num_classes` outputs. With `pretrained`, the ImageNet (1000-class) weights
+    are loaded first and the head is replaced afterwards: torchvision refuses `num_classes` with weights."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown --model {name!r}; torchvision classification models include resnet18, resnet50, ...")
+    if pretrained is None:
+        model = torchvision.models.get_model(name, num_classes=num_classes)
+    else:
+        model = torchvision.models.get_model(name, num_classes=1000)
+        try:
+            model.load_state_dict(read_pretrained(name, pretrained))
+        except RuntimeError as err:  # missing/unexpected keys or shape mismatches
+            raise ValueError(f"--pretrained {pretrained} does not fit {name}: {err}") from err
+        replace_head(model, num_classes)
+    if small_input_stem:
+        use_small_input_stem(model, name)
+    return model
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer for a fresh one with `num_classes` outputs (ResNet `fc`, MobileNet,
+    EfficientNet and ConvNeXt `classifier[-1]`, RegNet `fc`)."""
+    for parent_name in ("fc", "classifier", "heads"):
+        parent = getattr(model, parent_name, None)
+        if isinstance(parent, nn.Linear):
+            setattr(model, parent_name, nn.Linear(parent.in_features, num_classes))
+            return
+        if isinstance(parent, nn.Sequential) and isinstance(parent[-1], nn.Linear):
+            parent[-1] = nn.Linear(parent[-1].in_features, num_classes)
+            return
+    raise ValueError(f"do not know where the classification head of {type(model).__name__} is")
+
+
+def use_small_input_stem(model: nn.Module, name: str) -> None:
+    """CIFAR-style ResNet stem: a 3x3 stride-1 conv and no max-pool, so 28-64 px images keep their
+    resolution (the ImageNet stem divides by 4 before the first block: a 32 px image becomes 8x8)."""
+    if not name.startswith("resnet"):
+        raise ValueError(f"--small-input-stem is for ResNets, not {name}")
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def read_pretrained(name: str, pretrained: str) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict for `name`: from TORCH_HOME's cache ('DEFAULT') or from a file."""
+    if pretrained == "DEFAULT":
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        filename = os.path.basename(weights.url)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pretrained weights for {name} not found at {path}.\n"
+                f"This trainer never downloads at run time. Download {weights.url}\n"
+                f"and put it there (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}), "
+                f"or pass --pretrained /path/to/{filename}."
+            )
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"--pretrained file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read pretrained weights {path}: {err}") from err
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a checkpoint of ours, or a common {"model": state_dict} wrapper
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained weights {path} do not hold a state dict")
+    return state
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`): what checkpoints hold."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,197 @@
+"""Data: class mapping, splits, transforms, the sampler, weights and the fingerprint."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from classifier.data import (
+    EpochSampler,
+    ImageDataset,
+    build_splits,
+    class_counts,
+    class_sort_key,
+    eval_transform,
+    fingerprint,
+    inverse_frequency_weights,
+    load_image,
+    preprocessing_spec,
+    train_transform,
+)
+
+
+def make_folder(root: Path, layout: dict[str, dict[str, int]], size=(20, 16), mode="RGB") -> Path:
+    """root/<split>/<class>/<i>.png with `n` small images per class; pixel values encode (class, i)."""
+    for split, classes in layout.items():
+        for c, (name, n) in enumerate(classes.items()):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new(mode, size, color=(c * 20 % 256, i % 256, 7)[: len(mode)] if mode != "L" else c * 20).save(folder / f"{i}.png")
+    return root
+
+
+def test_numeric_class_names_sort_as_numbers():
+    names = ["10", "2", "b", "1", "A", "02"]
+    assert sorted(names, key=class_sort_key) == ["1", "02", "2", "10", "A", "b"]
+
+
+def test_val_folder_is_used_and_mapping_shared(tmp_path):
+    root = make_folder(tmp_path, {"train": {"10": 3, "2": 4, "7": 2}, "val": {"2": 1, "10": 2, "7": 1}})
+    splits = build_splits(root, 0.5, seed=0)
+    assert splits.classes == ["2", "7", "10"]
+    assert class_counts(splits.train, 3).tolist() == [4, 2, 3]
+    assert class_counts(splits.val, 3).tolist() == [1, 1, 2]
+    # labels follow the shared mapping, not each split's own folder order
+    assert all(Path(p).parent.name == splits.classes[label] for p, label in splits.train + splits.val)
+
+
+def test_stratified_split_without_val_folder(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 20, "b": 10, "c": 2}})
+    splits = build_splits(root, 0.2, seed=3)
+    assert class_counts(splits.val, 3).tolist() == [4, 2, 1]
+    assert class_counts(splits.train, 3).tolist() == [16, 8, 1]
+    assert not set(splits.train) & set(splits.val)
+    assert build_splits(root, 0.2, seed=3).val == splits.val  # seeded
+    assert build_splits(root, 0.2, seed=4).val != splits.val
+
+
+def test_unknown_class_in_val_names_the_folder(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1, "zebra": 1}})
+    with pytest.raises(ValueError, match="zebra") as err:
+        build_splits(root, 0.1, seed=0)
+    assert str(root / "val") in str(err.value)
+
+
+def test_class_without_val_images_warns(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 2, "b": 2}, "val": {"a": 1}})
+    with pytest.warns(UserWarning, match="b"):
+        build_splits(root, 0.1, seed=0)
+
+
+def test_bad_roots_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_splits(tmp_path / "nowhere", 0.1, seed=0)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class folders"):
+        build_splits(tmp_path / "empty", 0.1, seed=0)
+    (tmp_path / "noimg" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "train" / "a" / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="no image files"):
+        build_splits(tmp_path / "noimg", 0.1, seed=0)
+
+
+def test_expected_classes_are_enforced(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 2, "b": 2}})
+    with pytest.raises(ValueError, match="missing from the data: \\['c'\\]"):
+        build_splits(root, 0.5, seed=0, classes=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_any_color_mode_becomes_rgb(tmp_path, mode):
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    Image.new(mode, (9, 5)).save(path)
+    image = load_image(str(path))
+    assert image.shape == (3, 5, 9) and image.dtype == torch.uint8
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(RuntimeError, match="broken.png"):
+        load_image(str(bad))
+
+
+def test_transforms_give_normalized_crops(tmp_path):
+    Image.new("RGB", (40, 30), color=(255, 0, 128)).save(tmp_path / "x.png")
+    image = load_image(str(tmp_path / "x.png"))
+    spec = preprocessing_spec(24, 28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    out = eval_transform(spec)(image)
+    assert out.shape == (3, 24, 24) and out.dtype == torch.float32
+    assert torch.allclose(out[:, 5, 5], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-3)
+    aug = train_transform(16, (0.5, 1.0), (0.75, 1.33), True, 0.2, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    assert aug(image).shape == (3, 16, 16)
+
+
+def test_augmentation_depends_on_the_sample_seed_only(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 1}}, size=(32, 32))
+    aug = train_transform(16, (0.1, 1.0), (0.5, 2.0), True, 0.4, (0.0,) * 3, (1.0,) * 3, "bilinear")
+    dataset = ImageDataset([(str(tmp_path / "train" / "a" / "0.png"), 0)], aug)
+    torch.manual_seed(1)
+    first, _ = dataset[(0, 1234)]
+    torch.manual_seed(99)  # a different global RNG must not change the result...
+    again, _ = dataset[(0, 1234)]
+    assert torch.equal(first, again)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(99).get_state())  # ...nor be consumed
+    assert not torch.equal(first, dataset[(0, 1235)][0])
+
+
+def test_sampler_is_a_function_of_seed_and_epoch():
+    sampler = EpochSampler(50, shuffle=True, seed=5)
+    sampler.set_epoch(0)
+    a = list(sampler)
+    b = list(sampler)
+    sampler.set_epoch(1)
+    c = list(sampler)
+    assert a == b and a != c
+    assert sorted(i for i, _ in a) == list(range(50))  # a permutation
+    assert len({s for _, s in a}) == 50  # distinct per-sample seeds
+    sampler.set_epoch(0, start=20)
+    assert list(sampler) == a[20:] and len(sampler) == 30
+
+
+def test_distributed_shards_are_disjoint_and_cover_the_draw():
+    shards = []
+    for rank in range(3):
+        s = EpochSampler(10, shuffle=True, seed=1, rank=rank, world_size=3)
+        s.set_epoch(2)
+        shards.append(list(s))
+    assert [len(s) for s in shards] == [4, 4, 4]  # padded so every rank steps equally often
+    single = EpochSampler(10, shuffle=True, seed=1)
+    single.set_epoch(2)
+    indices, seeds = single.draw()
+    merged = [None] * 12
+    for rank, shard in enumerate(shards):
+        merged[rank::3] = shard
+    assert [i for i, _ in merged][:10] == indices[:10].tolist()
+    assert len({s for _, s in merged}) == 12  # no two ranks share a key
+    # evaluation never pads: every index exactly once over all ranks
+    evals = [list(EpochSampler(10, shuffle=False, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(evals, [])) == list(range(10))
+
+
+def test_weighted_draw_balances_classes_and_shards_are_disjoint():
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    counts = torch.bincount(labels)
+    weights = (1.0 / counts.double())[labels]
+    per_rank = []
+    for rank in range(2):
+        s = EpochSampler(len(labels), shuffle=True, seed=0, weights=weights, rank=rank, world_size=2)
+        s.set_epoch(0)
+        per_rank.append([(i, seed) for i, seed in s])
+    keys = per_rank[0] + per_rank[1]
+    assert len({seed for _, seed in keys}) == len(keys)  # disjoint positions of one global draw
+    drawn = torch.bincount(labels[[i for i, _ in keys]], minlength=3).float() / len(keys)
+    assert torch.allclose(drawn, torch.full((3,), 1 / 3), atol=0.05)  # vs natural 0.90/0.09/0.01
+
+
+def test_inverse_frequency_weights():
+    w = inverse_frequency_weights(torch.tensor([30, 10, 0]))
+    assert torch.allclose(w, torch.tensor([40 / 90, 40 / 30, 0.0]))
+    assert torch.allclose(inverse_frequency_weights(torch.tensor([5, 5])), torch.ones(2))
+
+
+def test_fingerprint_sees_a_changed_file_list(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}})
+    before = fingerprint(build_splits(root, 0.1, seed=0))
+    assert before["counts"]["train"] == [3, 3]
+    (root / "train" / "a" / "0.png").rename(root / "train" / "a" / "9.png")
+    after = fingerprint(build_splits(root, 0.1, seed=0))
+    assert after["files_sha256"] != before["files_sha256"] and after["counts"] == before["counts"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_splits(root, 0.1, seed=0)  # a complete dataset raises no warning

@@ -1,0 +1,82 @@
+"""Models: every named family builds with the right head; pretrained weights load offline only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from classifier.models import build_model, unwrap
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"]
+)
+def test_named_models_get_a_head_for_the_class_count(name):
+    model = build_model(name, 7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_small_input_stem_keeps_resolution():
+    model = build_model("resnet18", 4, small_input_stem=True)
+    assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(ValueError, match="ResNets"):
+        build_model("mobilenet_v3_large", 4, small_input_stem=True)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="resnet9000"):
+        build_model("resnet9000", 3)
+
+
+def imagenet_resnet18_state() -> dict:
+    torch.manual_seed(123)
+    return torchvision.models.resnet18(num_classes=1000).state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_from_a_file(tmp_path, suffix):
+    state = imagenet_resnet18_state()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    model = build_model("resnet18", 5, pretrained=str(path))
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    assert torch.equal(model.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert model.fc.out_features == 5  # head replaced after loading the 1000-class weights
+
+
+def test_pretrained_default_reads_the_torch_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        build_model("resnet18", 3, pretrained="DEFAULT")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in str(err.value) and "download" in str(err.value).lower()
+    expected.parent.mkdir(parents=True)
+    state = imagenet_resnet18_state()
+    torch.save(state, expected)
+    model = build_model("resnet18", 3, pretrained="DEFAULT")
+    assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+
+
+def test_bad_weights_files_are_named(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        build_model("resnet18", 3, pretrained=str(garbage))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_model("resnet18", 3, pretrained=str(tmp_path / "missing.pth"))
+    wrong = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), wrong)
+    with pytest.raises(ValueError, match="does not fit resnet18"):
+        build_model("resnet18", 3, pretrained=str(wrong))
+
+
+def test_unwrap_removes_compile_wrapper():
+    model = torch.nn.Linear(2, 2)
+    assert unwrap(torch.compile(model)) is model

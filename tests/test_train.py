@@ -1,0 +1,131 @@
+"""train.py end to end: a real run on Fashion-MNIST, exact resume, --debug, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_script
+from safetensors import safe_open
+
+import train
+from classifier.checkpoint import load_checkpoint
+from classifier.config import parse_cli
+
+FAST = ["--data.image-size", "32", "--data.resize-size", "32", "--no-progress", "--log-every-steps", "1000"]
+
+
+def test_trains_fashion_mnist_far_above_chance(fmnist_root, tmp_path, repo_root):
+    args = ["train.py", "--model", "resnet18", "--data.root", fmnist_root, "--out-dir", tmp_path, "--name", "e2e",
+            "--epochs", "4", "--data.batch-size", "32", "--data.num-workers", "1", "--optim.lr", "2e-3",
+            "--data.crop-scale", "0.7", "1", "--data.mean", "0.286", "0.286", "0.286", "--data.std", "0.353", "0.353", "0.353",
+            *FAST]
+    proc = run_script(args, cwd=repo_root)
+    assert proc.returncode == 0
+    run = tmp_path / "e2e"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    best = max(r["val"]["top1"] for r in records)
+    assert best >= 0.5, f"val top-1 {best} (chance is 0.1)"
+    assert {"top1", "top5", "macro_f1", "macro_auroc", "per_class_acc", "confusion", "loss"} <= set(records[-1]["val"])
+    assert f"best val top1 {best:.4f}" in proc.stdout
+    assert "imbalance ratio" in proc.stdout and "images drawn per class" in proc.stdout
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "resnet18" and config["versions"]["torch"] == torch.__version__.split("+")[0] or config["versions"]["torch"]
+    assert config["dataset"]["counts"]["train"] == [54] * 10 and len(config["dataset"]["files_sha256"]) == 64
+    assert config["derived"]["steps_per_epoch"] == 540 // 32
+
+    mapping = json.loads((run / "labels_mapping.json").read_text())
+    assert mapping["idx_to_class"]["0"] == "Ankle_boot" and mapping["preprocessing"]["center_crop"] == 32
+
+    best_ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best_ckpt["val_metrics"]["top1"] == best and best_ckpt["weights"] == "ema"
+    with safe_open(run / "best.safetensors", "pt") as f:
+        meta = f.metadata()
+        assert json.loads(meta["idx_to_class"])["9"] == "Trouser" and meta["weights"] == "ema"
+        ema_fc = {k[len("module."):]: v for k, v in best_ckpt["ema"].items() if k.startswith("module.")}["fc.weight"]
+        assert torch.equal(f.get_tensor("fc.weight"), ema_fc)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(fmnist_small_root, tmp_path, monkeypatch):
+    """Mid-epoch interruption, with gradient accumulation, 2 workers, the weighted sampler, augmentation
+    and EMA: the resumed run must end with exactly the weights of the uninterrupted one."""
+    # mobilenet_v3_small: it has dropout, so the restored torch RNG state matters too.
+    common = ["--model", "mobilenet_v3_small", "--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path),
+              "--epochs", "3", "--data.batch-size", "8", "--data.num-workers", "2", "--optim.grad-accum-steps", "2",
+              "--data.weighted-sampler", "--data.color-jitter", "0.3", "--data.image-size", "32", "--data.resize-size", "32",
+              "--checkpoint-every-steps", "4", "--no-progress", "--ema-half-life-epochs", "0.5"]
+    straight = train.main(parse_cli([*common, "--name", "straight"]))
+
+    calls = {"n": 0}
+    real_lr_at = train.lr_at
+
+    def lr_at_then_die(step, **kw):
+        calls["n"] += 1
+        if calls["n"] == 11:  # one call before the loop, then one per step: dies in step 9 of 18
+            raise Interrupt
+        return real_lr_at(step, **kw)
+
+    monkeypatch.setattr(train, "lr_at", lr_at_then_die)
+    with pytest.raises(Interrupt):
+        train.main(parse_cli([*common, "--name", "cut"]))
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    cut = load_checkpoint(tmp_path / "cut")
+    assert (cut["epoch"], cut["batches_in_epoch"], cut["step"]) == (1, 4, 8)  # the step-8 checkpoint: mid-epoch 1
+
+    resumed = train.main(parse_cli(["--resume", str(tmp_path / "cut")]))
+    assert resumed["step"] == straight["step"] == 18
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "cut")
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        different = [k for k in a[key] if not torch.equal(a[key][k], b[key][k])]
+        assert not different, f"{key}: {different[:5]}"
+    assert a["val_metrics"] == b["val_metrics"]
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    lines = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines("straight")[1:] == lines("cut")[1:]  # epoch 1's train numbers survive the interruption too
+
+
+def test_debug_mode_runs_the_overfit_check(fmnist_small_root, tmp_path, repo_root):
+    proc = run_script(["train.py", "--debug", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--epochs", "1",
+                       "--data.batch-size", "8", *FAST], cwd=repo_root)
+    assert proc.returncode == 0
+    assert "debug: overfit one batch: loss" in proc.stdout and ": ok" in proc.stdout
+    assert "5 steps/epoch" in proc.stdout  # a handful of batches
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data.root", "/no/such/dir"], "/no/such/dir"),
+        (["--model", "resnet9000"], "resnet9000"),
+        (["--pretrained", "/no/weights.pth"], "/no/weights.pth"),
+        (["--data.batch-size", "100000"], "--data.batch-size 100000"),
+    ],
+)
+def test_bad_input_is_named(extra, message, fmnist_small_root, tmp_path, repo_root):
+    proc = run_script(["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, *FAST, *extra], cwd=repo_root)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr or message in proc.stderr.splitlines()[-1]
+
+
+def test_an_existing_run_is_not_overwritten(fmnist_small_root, tmp_path, repo_root):
+    (tmp_path / "taken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "taken" / "checkpoints" / "last.pt").write_bytes(b"precious")
+    proc = run_script(["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--name", "taken", *FAST], cwd=repo_root)
+    assert proc.returncode != 0 and "--resume" in proc.stderr and str(tmp_path / "taken") in proc.stderr
+    assert (tmp_path / "taken" / "checkpoints" / "last.pt").read_bytes() == b"precious"
+
+
+def test_empty_split_is_named(tmp_path, repo_root):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    proc = run_script(["train.py", "--data.root", tmp_path / "data", "--out-dir", tmp_path, *FAST], cwd=repo_root)
+    assert proc.returncode != 0 and "no image files under" in proc.stderr

@@ -1,0 +1,264 @@
+"""Train an image classifier on ImageFolder data. The whole loop is in main(), top to bottom.
+
+    python train.py --model resnet50 --data.root DIR            # defaults
+    python train.py --preset fashion-mnist --epochs 5           # a preset from configs/, overridden
+    python train.py --resume runs/NAME                           # continue a run exactly where it stopped
+    torchrun --nproc_per_node=2 train.py ...                     # DDP, one process per device
+
+Order of events: set-up -> data -> model/optimizer -> resume -> epochs (steps, validation, checkpoints).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from classifier import checkpoint as ckpt
+from classifier import distributed
+from classifier.config import TrainConfig, parse_cli, save_json, to_dict
+from classifier.data import (
+    EpochSampler,
+    ImageDataset,
+    build_splits,
+    class_counts,
+    class_table,
+    eval_transform,
+    fingerprint,
+    inverse_frequency_weights,
+    make_loader,
+    preprocessing_spec,
+    train_transform,
+)
+from classifier.debugging import overfit_one_batch
+from classifier.ema import build_ema, decay_per_step
+from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
+from classifier.models import build_model
+from classifier.optim import build_optimizer, default_lr, lr_at
+from classifier.runlog import NullLog, RunLog, environment
+
+
+def run_directory(cfg: TrainConfig) -> Path:
+    """Resume continues in the run's own folder (no timestamped folders scattering one run)."""
+    if cfg.resume is not None:
+        path = ckpt.find_checkpoint(cfg.resume)
+        return path.parent.parent  # RUN/checkpoints/last.pt -> RUN
+    run_dir = cfg.out_dir / (cfg.name or f"{cfg.model}-{cfg.data.root.resolve().name}")
+    if (run_dir / "checkpoints").exists():
+        raise SystemExit(f"error: {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                         "or give this run another --name")
+    return run_dir
+
+
+def main(cfg: TrainConfig) -> dict:
+    # --- set-up --------------------------------------------------------------------------------------
+    dist_info, device = distributed.setup(cfg.device)
+    resumed = ckpt.load_checkpoint(cfg.resume) if cfg.resume is not None else None
+    run_dir = run_directory(cfg)
+    log = RunLog(run_dir) if dist_info.is_main else NullLog()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.autograd.set_detect_anomaly(cfg.debug)  # slow; names the op that produced a NaN gradient
+
+    # --- data: one class mapping from train/, separate datasets per split ----------------------------
+    d = cfg.data
+    splits = build_splits(d.root, d.val_fraction, cfg.seed, classes=resumed["classes"] if resumed else None)
+    classes, num_classes = splits.classes, len(splits.classes)
+    counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
+    log.print(class_table(classes, counts))
+    preprocessing = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
+    augment = train_transform(d.image_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, d.mean, d.std, d.interpolation)
+    train_set = ImageDataset(splits.train, augment)
+    val_set = ImageDataset(splits.val, eval_transform(preprocessing))
+    labels = torch.tensor([label for _, label in splits.train])
+    sample_weights = (1.0 / counts["train"].clamp(min=1).double())[labels] if d.weighted_sampler else None
+    rank, world = dist_info.rank, dist_info.world_size
+    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=cfg.seed, weights=sample_weights, rank=rank, world_size=world)
+    val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world_size=world)
+    workers = 0 if cfg.debug else d.num_workers  # main-process loading: breakpoints in data code work
+    loader_args = dict(batch_size=d.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    train_loader = make_loader(train_set, train_sampler, drop_last=True, **loader_args)
+    val_loader = make_loader(val_set, val_sampler, drop_last=False, **loader_args)
+
+    # Derived once, never written back into cfg.
+    accum = cfg.optim.grad_accum_steps
+    batches_per_epoch = len(train_sampler) // d.batch_size
+    if d.max_train_batches is not None or cfg.debug:
+        batches_per_epoch = min(batches_per_epoch, d.max_train_batches or 5)
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"error: {len(train_sampler)} training images per process cannot fill one optimizer step of "
+            f"--data.batch-size {d.batch_size} x --optim.grad-accum-steps {accum}"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    global_batch = d.batch_size * world * accum
+
+    # --- model, loss, optimizer, precision -----------------------------------------------------------
+    model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, small_input_stem=cfg.small_input_stem)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    ema = build_ema(model, cfg.ema_half_life_epochs, steps_per_epoch, cfg.epochs)
+    peak_lr = cfg.optim.lr or default_lr(cfg.optim.optimizer, pretrained=cfg.pretrained is not None)
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.optimizer, lr=peak_lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
+    loss_weights = inverse_frequency_weights(counts["train"]).to(device) if d.class_weighted_loss else None
+    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=o.label_smoothing)
+    # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and needs none. A
+    # disabled scaler is a pass-through, so the step below has one path for every precision.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.precision != "fp32")
+    train_metrics = {name: m.to(device) for name, m in build_train_metrics(num_classes).items()}
+    val_metrics = build_val_metrics(num_classes).to(device)
+
+    # --- resume: every piece of state that decides what happens next --------------------------------
+    step, start_epoch, batches_done, best = 0, 0, 0, {"metric": "top1", "value": float("-inf"), "epoch": -1}
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        if ema is not None:
+            ema.load_state_dict(resumed["ema"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scaler.is_enabled() and resumed["scaler"]:  # a disabled scaler saved {} (e.g. a CPU run)
+            scaler.load_state_dict(resumed["scaler"])
+        for name, metric in train_metrics.items():
+            metric.load_state_dict(resumed["train_metrics"][name])
+        step, start_epoch, batches_done, best = resumed["step"], resumed["epoch"], resumed["batches_in_epoch"], resumed["best"]
+        ckpt.restore_rng(resumed["rng"])
+        log.print(f"resumed {run_dir} at epoch {start_epoch}, step {step} ({batches_done} batches into the epoch)")
+
+    # Wrap last: checkpoints and EMA always see the plain `model`; `net` is what the step calls.
+    net = model
+    if dist_info.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+
+    # --- what the run directory holds before the first step ------------------------------------------
+    ema_decay = decay_per_step(cfg.ema_half_life_epochs, steps_per_epoch) if ema is not None else None
+    derived = dict(world_size=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                   warmup_steps=warmup_steps, peak_lr=peak_lr, ema_decay_per_step=ema_decay)
+    if dist_info.is_main:
+        save_json(cfg, run_dir / "config.json", derived=derived, dataset=fingerprint(splits), **environment())
+        mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)
+        ckpt.write_text(run_dir / "labels_mapping.json", json.dumps(mapping, indent=2) + "\n")
+    log.print(f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
+              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.1e} | {device} {cfg.precision}")
+    if cfg.debug:
+        images, targets = next(iter(make_loader(train_set, EpochSampler(len(train_set), shuffle=False), **loader_args, drop_last=True)))
+        first, last = overfit_one_batch(model, images.to(device), targets.to(device))
+        verdict = "ok" if last < 0.5 * first else "FAILED: the model cannot fit one batch, look for a bug upstream"
+        log.print(f"debug: overfit one batch: loss {first:.3f} -> {last:.3f} in 30 steps: {verdict}")
+
+    def state(epoch: int, batches_in_epoch: int, val: dict | None, drawn: torch.Tensor) -> dict:
+        """Everything for resume and for inference; plain data, loadable with weights_only=True."""
+        return dict(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    train_metrics={n: m.state_dict() for n, m in train_metrics.items()},
+                    epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best, rng=ckpt.rng_state(),
+                    config=to_dict(cfg), classes=classes, preprocessing=preprocessing, model_name=cfg.model,
+                    weights="ema" if ema is not None else "raw", val_metrics=val, drawn=drawn)
+
+    # --- the epochs ----------------------------------------------------------------------------------
+    val = resumed.get("val_metrics") if resumed else None
+    lr = lr_at(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=o.min_lr_ratio)
+    for epoch in range(start_epoch, cfg.epochs):
+        train_sampler.set_epoch(epoch, start=batches_done * d.batch_size)
+        net.train()
+        drawn = torch.zeros(num_classes, dtype=torch.long)  # what the sampler actually delivered
+        if resumed is not None and epoch == start_epoch:
+            drawn = resumed["drawn"]
+        bar = tqdm(total=batches_per_epoch, initial=batches_done, desc=f"epoch {epoch}", disable=not (cfg.progress and dist_info.is_main), leave=False)
+        tick, images_since_tick = time.perf_counter(), 0
+        for images, labels in itertools.islice(train_loader, batches_per_epoch - batches_done):
+            drawn += torch.bincount(labels, minlength=num_classes)
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            batches_done += 1
+            is_last_micro = batches_done % accum == 0
+            # DDP all-reduces gradients during backward; inner micro-batches only accumulate locally.
+            with net.no_sync() if dist_info.enabled and not is_last_micro else nullcontext():
+                with autocast:
+                    logits = net(images)
+                    loss = criterion(logits, labels)
+                scaler.scale(loss / accum).backward()
+            train_metrics["loss"].update(loss.detach().float(), weight=len(labels))
+            train_metrics["top1"].update(logits.detach(), labels)
+            images_since_tick += len(labels)
+            bar.update(1)
+            if not is_last_micro:
+                continue
+
+            # One optimizer step: LR from the step, unscale, clip, step, EMA.
+            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=o.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            if o.clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
+            scaler.step(optimizer)  # under fp16, skipped when the gradients hold inf/NaN
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+
+            if step % cfg.log_every_steps == 0:
+                loss_value = loss.item()  # a sync point: only here, at log time
+                rate = images_since_tick * world / (time.perf_counter() - tick)
+                tick, images_since_tick = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}")
+                if not cfg.progress:
+                    log.print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss_value:.4f} | lr {lr:.2e} | {rate:.0f} img/s")
+                log.scalars(step, {"loss": loss_value, "lr": lr, "images_per_s": rate}, prefix="train/")
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and dist_info.is_main:
+                ckpt.save_checkpoint(state(epoch, batches_done, val, drawn), run_dir / "checkpoints" / "last.pt")
+        bar.close()
+
+        # --- end of epoch: train summary, validation, checkpoints ------------------------------------
+        batches_done = 0
+        distributed.all_reduce_sum(drawn)
+        if epoch == start_epoch:
+            log.print("images drawn per class this epoch: " + ", ".join(f"{c}={n}" for c, n in zip(classes, drawn.tolist(), strict=True)))
+        train = {name: m.compute().item() for name, m in train_metrics.items()}  # syncs across ranks
+        for metric in train_metrics.values():
+            metric.reset()
+        eval_model = ema.module if ema is not None else model
+        val = evaluate(eval_model, val_loader, val_metrics, device=device, autocast=autocast, channels_last=cfg.channels_last)
+        improved = val["top1"] > best["value"]
+        if improved:
+            best = {"metric": "top1", "value": val["top1"], "epoch": epoch}
+        log.print(f"epoch {epoch} | train loss {train['loss']:.4f} top1 {train['top1']:.4f} | val loss {val['loss']:.4f} "
+                  f"top1 {val['top1']:.4f} macro-F1 {val['macro_f1']:.4f} | best {best['value']:.4f} (epoch {best['epoch']})")
+        record = {"epoch": epoch, "step": step, "lr": lr, "train": train, "val": val, "drawn_per_class": drawn.tolist()}
+        log.epoch(record)
+        log.scalars(step, {k: v for k, v in train.items()}, prefix="train_epoch/")
+        log.scalars(step, {k: v for k, v in val.items() if not isinstance(v, list)}, prefix="val/")
+        if dist_info.is_main:
+            last_path = run_dir / "checkpoints" / "last.pt"
+            ckpt.save_checkpoint(state(epoch + 1, 0, val, drawn), last_path)
+            if improved:
+                ckpt.atomic_copy(last_path, run_dir / "checkpoints" / "best.pt")  # no second serialization
+                weights = ema.module.state_dict() if ema is not None else model.state_dict()
+                ckpt.save_safetensors(weights, run_dir / "best.safetensors", ckpt.labels_mapping(
+                    classes, preprocessing, cfg.model, weights="ema" if ema is not None else "raw", epoch=epoch))
+        distributed.barrier()  # no rank races ahead of the checkpoint
+
+    log.print(f"done: {run_dir} | best val top1 {best['value']:.4f} at epoch {best['epoch']}")
+    log.close()
+    distributed.teardown()
+    return {"run_dir": str(run_dir), "best": best, "val": val, "step": step}
+
+
+if __name__ == "__main__":
+    main(parse_cli(description=__doc__))
