@@ -63,6 +63,7 @@ def main(cfg: TrainConfig) -> dict:
     dist_info, device = distributed.setup(cfg.device)
     resumed = ckpt.load_checkpoint(cfg.resume) if cfg.resume is not None else None
     run_dir = run_directory(cfg)
+    distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
     log = RunLog(run_dir) if dist_info.is_main else NullLog()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -73,6 +74,8 @@ def main(cfg: TrainConfig) -> dict:
     d = cfg.data
     splits = build_splits(d.root, d.val_fraction, cfg.seed, classes=resumed["classes"] if resumed else None)
     classes, num_classes = splits.classes, len(splits.classes)
+    if not distributed.all_equal(classes):
+        raise SystemExit(f"error: the ranks read different class folders from {d.root}; is it the same data on every node?")
     counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
     log.print(class_table(classes, counts))
     preprocessing = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
@@ -139,8 +142,12 @@ def main(cfg: TrainConfig) -> dict:
 
     # Wrap last: checkpoints and EMA always see the plain `model`; `net` is what the step calls.
     net = model
+    if cfg.sync_batchnorm and dist_info.enabled:
+        if device.type != "cuda":
+            raise SystemExit("error: --sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)")
+        model = net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps BN layers in place, same tensors
     if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
 
@@ -233,6 +240,9 @@ def main(cfg: TrainConfig) -> dict:
         train = {name: m.compute().item() for name, m in train_metrics.items()}  # syncs across ranks
         for metric in train_metrics.values():
             metric.reset()
+        distributed.broadcast_buffers(model)
+        if ema is not None:
+            distributed.broadcast_buffers(ema)
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, val_loader, val_metrics, device=device, autocast=autocast, channels_last=cfg.channels_last)
         improved = val["top1"] > best["value"]
@@ -257,7 +267,7 @@ def main(cfg: TrainConfig) -> dict:
     log.print(f"done: {run_dir} | best val top1 {best['value']:.4f} at epoch {best['epoch']}")
     log.close()
     distributed.teardown()
-    return {"run_dir": str(run_dir), "best": best, "val": val, "step": step}
+    return {"run_dir": str(run_dir), "best": best, "val": val, "step": step, "model": model, "ema": ema}
 
 
 if __name__ == "__main__":

@@ -113,6 +113,8 @@ class TrainConfig:
     """Use the channels_last memory format for the model and the images (faster convs on GPU)."""
     compile: bool = False
     """torch.compile the model (long cold start; checkpoints still hold the plain module)."""
+    sync_batchnorm: bool = False
+    """Under DDP on GPUs: BatchNorm statistics over the global batch instead of each GPU's share."""
     ema_half_life_epochs: float | None = 0.5
     """EMA half-life in epochs, turned into a per-step decay; None disables EMA."""
     seed: int = 0

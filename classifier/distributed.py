@@ -66,3 +66,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_equal(value) -> bool:
+    """True when every rank holds the same (picklable) value, e.g. the class list each rank read from disk."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return all(other == gathered[0] for other in gathered)
+
+
+def broadcast_buffers(module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP broadcasts them at the start
+    of each forward, so after the last step each rank holds statistics updated by its own last batch; at
+    epoch end this makes every rank validate, and resume from, exactly the weights rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
