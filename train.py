@@ -14,6 +14,7 @@ import itertools
 import json
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,7 +25,15 @@ from tqdm import tqdm
 
 from classifier import checkpoint as ckpt
 from classifier import distributed
-from classifier.config import TrainConfig, parse_cli, save_json, to_dict
+from classifier.config import (
+    TrainConfig,
+    config_differences,
+    from_dict,
+    parse_cli,
+    run_dir_for,
+    save_json,
+    to_dict,
+)
 from classifier.data import (
     EpochSampler,
     ImageDataset,
@@ -37,33 +46,63 @@ from classifier.data import (
     make_loader,
     preprocessing_spec,
     train_transform,
+    without,
 )
 from classifier.debugging import overfit_one_batch
 from classifier.ema import build_ema, decay_per_step
+from classifier.faults import NonFiniteWatch, StopRequest
+from classifier.images import scan_images, write_report
 from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
-from classifier.models import build_model
+from classifier.models import build_model, check_input_size
 from classifier.optim import build_optimizer, default_lr, lr_at
 from classifier.runlog import NullLog, RunLog, environment
 
 
-def run_directory(cfg: TrainConfig) -> Path:
-    """Resume continues in the run's own folder (no timestamped folders scattering one run)."""
+def run_directory(cfg: TrainConfig, resumed: dict | None) -> Path:
+    """Where this run lives. A resume continues in the run's own folder (no timestamped folders
+    scattering one run), with the saved config unless --accept-config-changes; a new run never
+    writes into an old one."""
     if cfg.resume is not None:
-        path = ckpt.find_checkpoint(cfg.resume)
-        return path.parent.parent  # RUN/checkpoints/last.pt -> RUN
-    run_dir = cfg.out_dir / (cfg.name or f"{cfg.model}-{cfg.data.root.resolve().name}")
-    if (run_dir / "checkpoints").exists():
+        diffs = config_differences(from_dict(resumed["config"]), cfg)
+        if diffs and not cfg.accept_config_changes:
+            raise SystemExit(f"error: flags given with --resume {cfg.resume} change the run's saved config:\n  "
+                             + "\n  ".join(diffs) + "\npass --accept-config-changes if these changes are intended")
+        return ckpt.find_checkpoint(cfg.resume).parent.parent  # RUN/checkpoints/last.pt -> RUN
+    run_dir = run_dir_for(cfg)
+    if ckpt.has_checkpoint(run_dir):
         raise SystemExit(f"error: {run_dir} already holds a run: continue it with --resume {run_dir}, "
                          "or give this run another --name")
     return run_dir
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail now, not after the first epoch, when the run directory cannot be written."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        ckpt.write_text(run_dir / ".write-test", "ok")
+        (run_dir / ".write-test").unlink()
+    except OSError as err:
+        raise SystemExit(f"error: cannot write to the run directory {run_dir} (--out-dir {err.filename or ''}): {err.strerror or err}") from err
+
+
 def main(cfg: TrainConfig) -> dict:
+    """Train with `cfg`. SIGINT/SIGTERM stop the run cleanly (see classifier/faults.py) while it runs."""
+    stop = StopRequest().install()
+    try:
+        return train(cfg, stop)
+    finally:
+        stop.uninstall()
+        distributed.teardown()
+
+
+def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     # --- set-up --------------------------------------------------------------------------------------
     dist_info, device = distributed.setup(cfg.device)
     resumed = ckpt.load_checkpoint(cfg.resume) if cfg.resume is not None else None
-    run_dir = run_directory(cfg)
+    run_dir = run_directory(cfg, resumed)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if dist_info.is_main:
+        check_writable(run_dir)
     log = RunLog(run_dir) if dist_info.is_main else NullLog()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -76,7 +115,23 @@ def main(cfg: TrainConfig) -> dict:
     classes, num_classes = splits.classes, len(splits.classes)
     if not distributed.all_equal(classes):
         raise SystemExit(f"error: the ranks read different class folders from {d.root}; is it the same data on every node?")
+    if d.scan_images:  # every rank decodes its share of the files; together they check them all
+        paths = sorted({p for p, _ in splits.train + splits.val + splits.test})
+        bad = distributed.merge_dicts(scan_images(paths[dist_info.rank :: dist_info.world_size], workers=max(1, d.num_workers)))
+        if bad and not d.skip_bad_images:
+            listing = "\n  ".join(f"{p}: {reason}" for p, reason in sorted(bad.items())[:20])
+            raise SystemExit(f"error: {len(bad)} unreadable image files under {d.root}:\n  {listing}\n"
+                             "fix or remove them, or pass --data.skip-bad-images to leave them out")
+        if bad:
+            splits = without(splits, set(bad))
+            if dist_info.is_main:
+                write_report(bad, run_dir / "bad_images.txt")
+            log.print(f"left out {len(bad)} unreadable images, listed in {run_dir / 'bad_images.txt'}")
     counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
+    dataset = fingerprint(splits)
+    if resumed is not None and resumed["dataset"] != dataset:
+        warnings.warn(f"the files under {d.root} changed since the checkpoint was written (counts were "
+                      f"{resumed['dataset']['counts']}, now {dataset['counts']})", stacklevel=1)
     log.print(class_table(classes, counts))
     preprocessing = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
     augment = train_transform(d.image_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, d.mean, d.std, d.interpolation)
@@ -109,6 +164,7 @@ def main(cfg: TrainConfig) -> dict:
 
     # --- model, loss, optimizer, precision -----------------------------------------------------------
     model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, small_input_stem=cfg.small_input_stem)
+    check_input_size(model, d.image_size, cfg.model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema = build_ema(model, cfg.ema_half_life_epochs, steps_per_epoch, cfg.epochs)
@@ -156,7 +212,7 @@ def main(cfg: TrainConfig) -> dict:
     derived = dict(world_size=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                    warmup_steps=warmup_steps, peak_lr=peak_lr, ema_decay_per_step=ema_decay)
     if dist_info.is_main:
-        save_json(cfg, run_dir / "config.json", derived=derived, dataset=fingerprint(splits), **environment())
+        save_json(cfg, run_dir / "config.json", derived=derived, dataset=dataset, **environment())
         mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)
         ckpt.write_text(run_dir / "labels_mapping.json", json.dumps(mapping, indent=2) + "\n")
     log.print(f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
@@ -174,7 +230,23 @@ def main(cfg: TrainConfig) -> dict:
                     train_metrics={n: m.state_dict() for n, m in train_metrics.items()},
                     epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best, rng=ckpt.rng_state(),
                     config=to_dict(cfg), classes=classes, preprocessing=preprocessing, model_name=cfg.model,
-                    weights="ema" if ema is not None else "raw", val_metrics=val, drawn=drawn)
+                    weights="ema" if ema is not None else "raw", val_metrics=val, drawn=drawn, dataset=dataset)
+
+    watch = NonFiniteWatch(device)
+    skipped_nonfinite = 0
+
+    def stop_if_nonfinite() -> None:
+        """A sync point. Called before anything is saved, so NaN weights never reach a checkpoint."""
+        bad = watch.first()
+        if bad is None:
+            return
+        bad_epoch, bad_batch = bad
+        paths = [splits.train[i][0] for r in range(world) for i in train_sampler.batch_indices(bad_batch, d.batch_size, rank=r)]
+        if dist_info.is_main:
+            ckpt.write_text(run_dir / "nonfinite_batch.txt", "\n".join(paths) + "\n")
+        raise SystemExit(f"error: the loss became NaN/inf in epoch {bad_epoch}, batch {bad_batch} (near step {step}); "
+                         f"its files are listed in {run_dir / 'nonfinite_batch.txt'}. The last checkpoint is from "
+                         "before it. Lower --optim.lr, check those images, or pass --nonfinite-loss skip.")
 
     # --- the epochs ----------------------------------------------------------------------------------
     val = resumed.get("val_metrics") if resumed else None
@@ -194,13 +266,22 @@ def main(cfg: TrainConfig) -> dict:
             batches_done += 1
             is_last_micro = batches_done % accum == 0
             # DDP all-reduces gradients during backward; inner micro-batches only accumulate locally.
+            # 'skip' keeps the BatchNorm statistics from before the forward: a NaN batch poisons them even
+            # without a backward. It asks the host about every loss (a sync point); 'stop' never does.
+            buffers = [b.clone() for b in model.buffers()] if cfg.nonfinite_loss == "skip" else []
             with net.no_sync() if dist_info.enabled and not is_last_micro else nullcontext():
                 with autocast:
                     logits = net(images)
                     loss = criterion(logits, labels)
-                scaler.scale(loss / accum).backward()
-            train_metrics["loss"].update(loss.detach().float(), weight=len(labels))
-            train_metrics["top1"].update(logits.detach(), labels)
+                if buffers and distributed.any_true(not torch.isfinite(loss).item(), device):
+                    torch._foreach_copy_(list(model.buffers()), buffers)
+                    skipped_nonfinite += 1  # no backward: this batch adds nothing to the gradients
+                else:
+                    scaler.scale(loss / accum).backward()
+                    train_metrics["loss"].update(loss.detach().float(), weight=len(labels))
+                    train_metrics["top1"].update(logits.detach(), labels)
+            if cfg.nonfinite_loss == "stop" and cfg.precision != "fp16":  # fp16: the GradScaler skips such steps
+                watch.update(loss, epoch, batches_done - 1)
             images_since_tick += len(labels)
             bar.update(1)
             if not is_last_micro:
@@ -221,18 +302,27 @@ def main(cfg: TrainConfig) -> dict:
             step += 1
 
             if step % cfg.log_every_steps == 0:
+                stop_if_nonfinite()
                 loss_value = loss.item()  # a sync point: only here, at log time
                 rate = images_since_tick * world / (time.perf_counter() - tick)
                 tick, images_since_tick = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}")
                 if not cfg.progress:
-                    log.print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss_value:.4f} | lr {lr:.2e} | {rate:.0f} img/s")
-                log.scalars(step, {"loss": loss_value, "lr": lr, "images_per_s": rate}, prefix="train/")
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and dist_info.is_main:
-                ckpt.save_checkpoint(state(epoch, batches_done, val, drawn), run_dir / "checkpoints" / "last.pt")
+                    log.print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                              f"{rate:.0f} img/s" + (f" | {skipped_nonfinite} non-finite batches skipped" if skipped_nonfinite else ""))
+                log.scalars(step, {"loss": loss_value, "lr": lr, "images_per_s": rate, "skipped_nonfinite": skipped_nonfinite}, prefix="train/")
+            stopping = stop.requested(device)  # a signal: save where we are and leave
+            if stopping or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                stop_if_nonfinite()
+                if dist_info.is_main:
+                    ckpt.save_checkpoint(state(epoch, batches_done, val, drawn), run_dir / "checkpoints" / "last.pt")
+            if stopping:
+                log.print(f"stopped at step {step} (epoch {epoch}); continue with: python train.py --resume {run_dir}")
+                raise SystemExit(stop.exit_code)
         bar.close()
 
         # --- end of epoch: train summary, validation, checkpoints ------------------------------------
+        stop_if_nonfinite()
         batches_done = 0
         distributed.all_reduce_sum(drawn)
         if epoch == start_epoch:
@@ -263,10 +353,12 @@ def main(cfg: TrainConfig) -> dict:
                 ckpt.save_safetensors(weights, run_dir / "best.safetensors", ckpt.labels_mapping(
                     classes, preprocessing, cfg.model, weights="ema" if ema is not None else "raw", epoch=epoch))
         distributed.barrier()  # no rank races ahead of the checkpoint
+        if stop.requested(device):
+            log.print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run_dir}")
+            raise SystemExit(stop.exit_code)
 
     log.print(f"done: {run_dir} | best val top1 {best['value']:.4f} at epoch {best['epoch']}")
     log.close()
-    distributed.teardown()
     return {"run_dir": str(run_dir), "best": best, "val": val, "step": step, "model": model, "ema": ema}
 
 

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,10 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     """Call write(tmp_path), fsync, then rename over `path`. A crash at any moment leaves either the old
-    file or the new one, never a half-written file under the real name."""
+    file or the new one, never a half-written file under the real name. With `keep_previous`, the old
+    file is first moved there, so one older good copy always survives a later corruption."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,14 +41,30 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)  # atomic on POSIX within one filesystem
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, f"could not write {path} ({err.strerror or err}); the previous file is intact") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def previous_of(path: Path) -> Path:
+    """checkpoints/last.pt -> checkpoints/last.prev.pt: the checkpoint that `path` replaced."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    path = Path(path)
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp), keep_previous=previous_of(path))
 
 
 def atomic_copy(source: Path, path: Path) -> None:
@@ -58,18 +76,25 @@ def write_text(path: Path, text: str) -> None:
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A run directory means its checkpoints/last.pt; a file means itself."""
+    """A run directory means its checkpoints/last.pt (or last.prev.pt when a crash fell between the two
+    renames of a save); a file means itself."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
+        if not path.exists() and previous_of(path).is_file():
+            path = previous_of(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint of ours on the CPU, weights-only (no code runs), with errors naming the file."""
-    path = find_checkpoint(path)
+def has_checkpoint(run_dir: Path) -> bool:
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    return last.is_file() or previous_of(last).is_file()
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Read one checkpoint file on the CPU, weights-only (no code runs), with errors naming the file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -77,6 +102,20 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a classifier-training checkpoint (format {FORMAT!r})")
     return state
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint (a file, or a run directory's last one). When it is unreadable and the one it
+    replaced is still there (last.prev.pt), say so and fall back to that one."""
+    path = find_checkpoint(path)
+    try:
+        return read_checkpoint(path)
+    except ValueError as err:
+        previous = previous_of(path)
+        if not previous.is_file():
+            raise
+        warnings.warn(f"{err}\nfalling back to the previous checkpoint {previous}", stacklevel=2)
+        return read_checkpoint(previous)
 
 
 def load_run_config(path: Path) -> TrainConfig:

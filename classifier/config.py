@@ -69,6 +69,10 @@ class DataConfig:
     """Weight the cross-entropy by inverse class frequency of the train split."""
     max_train_batches: int | None = None
     """Cap on training batches per epoch (smoke tests and --debug); None uses the whole split."""
+    scan_images: bool = True
+    """Decode every image once before training, so a bad file is named at start, not in epoch 3."""
+    skip_bad_images: bool = False
+    """Leave unreadable images out (listed in RUN/bad_images.txt) instead of stopping with their names."""
 
 
 @dataclass(frozen=True)
@@ -124,13 +128,19 @@ class TrainConfig:
     out_dir: Path = Path("runs")
     """Parent folder of run directories."""
     resume: Path | None = None
-    """Run directory (or checkpoint file) to continue; its saved config is the base for other flags."""
+    """Run directory (or checkpoint file) to continue, its saved config being the base for other flags; or
+    'auto': continue OUT_DIR/NAME if it has a checkpoint, else start it (for torchrun --max-restarts)."""
+    accept_config_changes: bool = False
+    """On --resume, accept flags that change the saved config (e.g. more --epochs) instead of refusing."""
     checkpoint_every_steps: int | None = None
     """Also write checkpoints/last.pt every N optimizer steps (mid-epoch), besides every epoch."""
     log_every_steps: int = 50
     """Steps between log lines and TensorBoard points."""
     progress: bool = True
     """Show tqdm progress bars (rank 0 only)."""
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss (fp32/bf16): 'stop' names the step and its files and stops before anything bad is
+    saved; 'skip' leaves that batch out of the update and counts it (one sync point per step)."""
     debug: bool = False
     """Main-process data loading, a few batches, anomaly detection, and an overfit-one-batch check."""
     preset: str | None = None
@@ -197,20 +207,49 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
+def run_dir_for(cfg: TrainConfig) -> Path:
+    """OUT_DIR/NAME, NAME defaulting to <model>-<data root folder name>."""
+    return cfg.out_dir / (cfg.name or f"{cfg.model}-{cfg.data.root.resolve().name}")
+
+
 def parse_cli(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
     """Parse train.py's flags. The base config is, in order of precedence: the resumed run's saved
     config (`--resume`), a named preset (`--preset`), or the dataclass defaults. Flags override the base.
+    `--resume auto` becomes `--resume OUT_DIR/NAME` when that run has a checkpoint, else no resume.
     """
+    from classifier.checkpoint import has_checkpoint, load_run_config  # checkpoint imports this module
+
     argv = sys.argv[1:] if argv is None else argv
     base = TrainConfig()
     preset = _flag_value(argv, "--preset")
     resume = _flag_value(argv, "--resume")
-    if resume is not None:
-        from classifier.checkpoint import load_run_config  # local import: checkpoint imports config
-
-        base = load_run_config(Path(resume))
-    elif preset is not None:
+    if preset is not None:
         from configs import get_preset
 
         base = get_preset(preset)
+    if resume == "auto":
+        fresh = tyro.cli(TrainConfig, default=base, args=argv, description=description)
+        run_dir = run_dir_for(fresh)
+        if not has_checkpoint(run_dir):
+            return dataclasses.replace(fresh, resume=None)
+        argv = [*argv, "--resume", str(run_dir)]  # the last --resume wins
+        resume = str(run_dir)
+    if resume is not None:
+        base = load_run_config(Path(resume))
     return tyro.cli(TrainConfig, default=base, args=argv, description=description)
+
+
+# Fields a resumed run may change without --accept-config-changes: they do not change the results.
+HARMLESS_ON_RESUME = {"resume", "accept_config_changes", "progress", "log_every_steps", "checkpoint_every_steps", "data.num_workers"}
+
+
+def config_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
+    """'field: saved -> now' for every field that differs, nested fields as data.xxx, harmless ones left out."""
+    def flat(values: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in values.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    a, b = flat(to_dict(saved)), flat(to_dict(now))
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in HARMLESS_ON_RESUME]

@@ -9,20 +9,19 @@ of the number of workers. Model, loss and metrics live elsewhere.
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-# What torchvision's ImageFolder accepts, lower case.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from classifier.faults import ignore_signals_in_worker
+from classifier.images import IMAGE_EXTENSIONS, load_image
+from classifier.sampling import EpochSampler
 
 Sample = tuple[str, int]  # (file path, class index)
 
@@ -110,10 +109,19 @@ def build_splits(root: Path, val_fraction: float, seed: int, classes: list[str] 
     else:
         train, val = stratified_split(train, val_fraction, seed)
     test = list_images(root / "test", class_to_idx) if (root / "test").is_dir() else []
-    empty_val = [classes[c] for c in range(len(classes)) if not any(label == c for _, label in val)]
+    empty_train = [classes[c] for c in (class_counts(train, len(classes)) == 0).nonzero().flatten().tolist()]
+    if empty_train:
+        raise ValueError(f"class folders with no training images in {root / 'train'}: {empty_train}")
+    empty_val = [classes[c] for c in (class_counts(val, len(classes)) == 0).nonzero().flatten().tolist()]
     if empty_val:
         warnings.warn(f"classes with no validation images: {empty_val}", stacklevel=2)
     return Splits(classes, train, val, test)
+
+
+def without(splits: Splits, bad: set[str]) -> Splits:
+    """The same splits with the files in `bad` left out."""
+    keep = lambda samples: [s for s in samples if s[0] not in bad]  # noqa: E731
+    return Splits(splits.classes, keep(splits.train), keep(splits.val), keep(splits.test))
 
 
 def describe_class_mismatch(expected: list[str], found: list[str], where: Path) -> str:
@@ -216,17 +224,6 @@ def train_transform(
     return T.Compose(steps)
 
 
-def load_image(path: str) -> torch.Tensor:
-    """Any image file -> uint8 RGB CHW tensor. EXIF orientation is applied (phone photos); grayscale,
-    palette, CMYK and alpha images become plain RGB."""
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return T.functional.pil_to_tensor(image.convert("RGB"))
-    except Exception as err:  # PIL raises many types; all mean the same to the user
-        raise RuntimeError(f"cannot read image {path}: {err}") from err
-
-
 class ImageDataset(Dataset):
     """(path, label) pairs -> (image tensor, label). A key is an index, or (index, seed) from
     EpochSampler: the transform then draws its randomness from `seed`, not from worker state."""
@@ -249,66 +246,7 @@ class ImageDataset(Dataset):
             return self.transform(image), label
 
 
-# --- sampling ----------------------------------------------------------------------------------------
-
-
-class EpochSampler(Sampler):
-    """One sampler for every case: shuffled or weighted (with replacement) training draws, in-order
-    evaluation, one process or a shard per DDP rank.
-
-    Each epoch's draw is a function of (seed, epoch) alone, so every rank computes the same global draw
-    and keeps its own disjoint share `draw[rank::world]` (PyTorch has no distributed weighted sampler).
-    Training yields (index, sample_seed) keys so augmentation is reproducible too. `set_epoch(epoch,
-    start)` skips the first `start` keys of this rank's share: how a mid-epoch resume continues exactly.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        weights: torch.Tensor | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
-        self.weights = None if weights is None else weights.double()
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def _per_rank(self) -> int:
-        # Training pads the draw to a multiple of the world size (every rank must step equally often);
-        # evaluation never pads, so no image is counted twice.
-        if self.shuffle:
-            return math.ceil(self.num_samples / self.world_size)
-        return len(range(self.rank, self.num_samples, self.world_size))
-
-    def __len__(self) -> int:
-        return self._per_rank() - self.start
-
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This epoch's global (indices, sample seeds), identical on every rank."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is not None:
-            indices = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
-        else:
-            indices = torch.randperm(self.num_samples, generator=generator)
-        total = self._per_rank() * self.world_size
-        indices = torch.cat([indices, indices[: total - len(indices)]])  # pad by wrapping around
-        seeds = torch.randint(0, 2**62, (total,), generator=generator)
-        return indices, seeds
-
-    def __iter__(self) -> Iterator:
-        if not self.shuffle:
-            yield from range(self.rank + self.start * self.world_size, self.num_samples, self.world_size)
-            return
-        indices, seeds = self.draw()
-        mine = slice(self.rank + self.start * self.world_size, None, self.world_size)
-        yield from zip(indices[mine].tolist(), seeds[mine].tolist(), strict=True)
+# --- loading ------------------------------------------------------------------------------------------
 
 
 def make_loader(
@@ -332,6 +270,7 @@ def make_loader(
         # Its own generator: creating an iterator draws the workers' base seed, and drawing it from the
         # global RNG would make the model's RNG stream (dropout) depend on when the loader was iterated.
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_signals_in_worker,
     )
 
 

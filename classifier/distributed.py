@@ -56,6 +56,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def enabled() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -65,6 +69,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (a sync point); returns the tensor for chaining."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 
@@ -84,3 +94,19 @@ def broadcast_buffers(module) -> None:
     if dist.is_available() and dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def merge_dicts(part: dict) -> dict:
+    """Every rank's dict merged into one, on every rank (e.g. each rank's share of a scan's findings)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return part
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, part)
+    return {k: v for d in gathered for k, v in d.items()}
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank: keeps ranks in step on a per-rank decision."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0

@@ -35,6 +35,19 @@ def build_model(name: str, num_classes: int, *, pretrained: str | None = None, s
     return model
 
 
+def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
+    """One forward pass on a blank batch, so an image size the architecture cannot take fails here, with
+    the flag named, rather than as a shape error deep inside the first training step."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, image_size, image_size))
+    except RuntimeError as err:
+        raise ValueError(f"--data.image-size {image_size} is too small for {name}: {err}") from err
+    finally:
+        model.train(was_training)
+
+
 def replace_head(model: nn.Module, num_classes: int) -> None:
     """Swap the last Linear layer for a fresh one with `num_classes` outputs (ResNet `fc`, MobileNet,
     EfficientNet and ConvNeXt `classifier[-1]`, RegNet `fc`)."""

@@ -1,0 +1,113 @@
+"""The bad-dataset battery: every odd file either works correctly or is named before training starts."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_script
+from PIL import Image
+
+from classifier.data import build_splits
+from classifier.images import load_image, scan_images
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_battery(root: Path) -> dict[str, Path]:
+    """train/ with good-but-odd files in every class, plus the bad files; returns the bad ones by case."""
+    rng = np.random.default_rng(0)
+    classes = ["2", "10", "zip code", "Ünïcödé 名前"]
+    for name in classes:
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"plain {i}.png")
+        (root / "val" / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "val" / name / "v.png")
+    odd = root / "train" / "2"
+    Image.fromarray(np.linspace(0, 65535, 64 * 16).astype(np.uint16).reshape(16, 64)).save(odd / "sixteen-bit.png")
+    Image.new("CMYK", (10, 10), (0, 255, 255, 0)).save(odd / "cmyk.jpg")
+    Image.new("RGBA", (10, 10), (255, 0, 0, 128)).save(odd / "rgba.png")
+    Image.new("P", (10, 10), 3).save(odd / "palette.png")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(odd / "one-pixel.png")
+    Image.new("L", (3000, 2000), 128).save(odd / "huge.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), (0, 0, 255)).save(odd / "rotated.jpg", exif=exif)
+    (odd / "notes.txt").write_text("not an image, ignored by extension")
+    (odd / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    os.symlink(odd, odd / "loop")  # a directory symlink to itself
+    (root / "train" / "empty class").mkdir()  # no images at all: must be refused by name
+
+    bad_dir = root / "train" / "10"
+    bad = {
+        "truncated": bad_dir / "truncated.png",
+        "zero-byte": bad_dir / "zero.jpg",
+        "html": bad_dir / "page.jpg",
+    }
+    full = png_bytes(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    bad["truncated"].write_bytes(full[: len(full) // 2])
+    bad["zero-byte"].write_bytes(b"")
+    bad["html"].write_text("<html>404 not found</html>")
+    return bad
+
+
+def test_odd_but_valid_images_load_correctly(tmp_path):
+    make_battery(tmp_path)
+    odd = tmp_path / "train" / "2"
+    sixteen = load_image(str(odd / "sixteen-bit.png"))
+    assert sixteen.shape == (3, 16, 64) and 0 <= sixteen.min() <= 5 and sixteen.max() >= 250  # rescaled, not clipped to white
+    assert load_image(str(odd / "cmyk.jpg")).shape == (3, 10, 10)
+    assert load_image(str(odd / "rgba.png"))[:, 0, 0].tolist() == [255, 0, 0]
+    assert load_image(str(odd / "palette.png")).shape == (3, 10, 10)
+    assert load_image(str(odd / "one-pixel.png")).tolist() == [[[9]], [[9]], [[9]]]
+    assert load_image(str(odd / "huge.png")).shape == (3, 2000, 3000)
+    assert load_image(str(odd / "rotated.jpg")).shape == (3, 40, 20)  # EXIF rotation applied: 40x20 -> 20x40
+
+
+def test_layout_problems_are_named(tmp_path):
+    make_battery(tmp_path)
+    with pytest.raises(ValueError, match="empty class"):
+        build_splits(tmp_path, 0.1, seed=0)
+    (tmp_path / "train" / "empty class").rmdir()
+    splits = build_splits(tmp_path, 0.1, seed=0)
+    assert splits.classes == ["2", "10", "zip code", "Ünïcödé 名前"]  # numbers first, numerically
+    names = {Path(p).name for p, _ in splits.train}
+    assert "notes.txt" not in names and ".DS_Store" not in names
+    assert sum(1 for p, _ in splits.train if "loop" in Path(p).parts) == 0  # the symlink loop is not followed
+
+
+def test_scan_finds_exactly_the_bad_files(tmp_path):
+    bad = make_battery(tmp_path)
+    (tmp_path / "train" / "empty class").rmdir()
+    splits = build_splits(tmp_path, 0.1, seed=0)
+    found = scan_images([p for p, _ in splits.train + splits.val], workers=2)
+    assert set(found) == {str(p) for p in bad.values()}
+    assert "0 bytes" in found[str(bad["zero-byte"])]
+
+
+def test_training_stops_early_naming_bad_files_or_skips_them(tmp_path, repo_root):
+    bad = make_battery(tmp_path / "data")
+    (tmp_path / "data" / "train" / "empty class").rmdir()
+    args = ["train.py", "--data.root", tmp_path / "data", "--out-dir", tmp_path / "runs", "--epochs", "1",
+            "--data.image-size", "16", "--data.resize-size", "16", "--data.batch-size", "4", "--data.num-workers", "0", "--no-progress"]
+    proc = run_script([*args, "--name", "strict"], cwd=repo_root)
+    assert proc.returncode != 0
+    assert "3 unreadable image files" in proc.stderr and all(str(p) in proc.stderr for p in bad.values())
+    assert "--data.skip-bad-images" in proc.stderr
+    assert not (tmp_path / "runs" / "strict" / "checkpoints" / "last.pt").exists()
+
+    proc = run_script([*args, "--name", "lenient", "--data.skip-bad-images"], cwd=repo_root)
+    assert proc.returncode == 0
+    report = (tmp_path / "runs" / "lenient" / "bad_images.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in report) == sorted(str(p) for p in bad.values())
+    assert torch.load(tmp_path / "runs" / "lenient" / "checkpoints" / "last.pt", weights_only=True)["classes"][:2] == ["2", "10"]

@@ -1,0 +1,247 @@
+"""Interruptions, crashes, corrupt files, bad flags and NaN losses: nothing is lost, every failure is named."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO_ROOT, run_script
+
+import train
+from classifier import checkpoint as ckpt
+from classifier.config import parse_cli
+
+# mobilenet_v3_small at 32 px: small checkpoints, fast steps, and dropout (so RNG restore matters).
+SMALL = ["--model", "mobilenet_v3_small", "--data.image-size", "32", "--data.resize-size", "32", "--data.batch-size", "8",
+         "--data.num-workers", "0", "--no-progress", "--ema-half-life-epochs", "0.5"]
+
+
+def small_args(root, out, name, *extra):
+    return [*SMALL, "--data.root", str(root), "--out-dir", str(out), "--name", name, *map(str, extra)]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
+    return all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"]) and all(
+        torch.equal(x["ema"][k], y["ema"][k]) for k in x["ema"])
+
+
+@pytest.fixture(scope="module")
+def straight(fmnist_small_root, tmp_path_factory):
+    """The uninterrupted reference run: 3 epochs of 13 steps."""
+    out = tmp_path_factory.mktemp("straight")
+    train.main(parse_cli(small_args(fmnist_small_root, out, "ref", "--epochs", "3")))
+    return out / "ref"
+
+
+def start(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def wait_for_line(proc, text, timeout=300):
+    deadline = time.time() + timeout
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        assert time.time() < deadline, "".join(seen)
+    raise AssertionError(f"{text!r} never printed:\n{''.join(seen)}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_resumable_checkpoint(signum, straight, fmnist_small_root, tmp_path):
+    proc = start(small_args(fmnist_small_root, tmp_path, "sig", "--epochs", "3", "--log-every-steps", "1"))
+    wait_for_line(proc, "step 16/")  # in epoch 1
+    proc.send_signal(signum)
+    output = proc.stdout.read()
+    assert proc.wait(60) == 128 + signum
+    assert "continue with: python train.py --resume" in output
+    saved = ckpt.load_checkpoint(tmp_path / "sig")
+    assert saved["epoch"] == 1 and 0 < saved["batches_in_epoch"] < 13  # stopped mid-epoch, at a step boundary
+    resumed = run_script(["train.py", "--resume", tmp_path / "sig"], cwd=REPO_ROOT)
+    assert resumed.returncode == 0
+    assert same_weights(straight, tmp_path / "sig")
+
+
+def test_a_second_signal_stops_at_once():
+    """The first Ctrl-C only sets a flag the loop reads at the next step; the second raises at once."""
+    from classifier.faults import StopRequest
+
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs the handler between bytecodes
+        assert stop.requested(torch.device("cpu")) and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt, match="second signal"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("where", ["mid-step", "mid-save"])
+def test_kill_9_loses_nothing_before_the_last_checkpoint(where, straight, fmnist_small_root, tmp_path):
+    args = small_args(fmnist_small_root, tmp_path, "k9", "--epochs", "3", "--checkpoint-every-steps", "1", "--log-every-steps", "1")
+    proc = start(args)
+    if where == "mid-step":
+        wait_for_line(proc, "step 20/")
+    else:  # wait until a checkpoint replacing an earlier one is being written: its temp file exists
+        checkpoints = tmp_path / "k9" / "checkpoints"
+        deadline = time.time() + 300
+        while not ((checkpoints / "last.pt").exists() and list(checkpoints.glob(".last.pt.*.tmp"))):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.002)
+    proc.kill()
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    ckpt.load_checkpoint(tmp_path / "k9")  # the newest complete checkpoint survives
+    resumed = run_script(["train.py", "--resume", tmp_path / "k9"], cwd=REPO_ROOT)
+    assert resumed.returncode == 0
+    assert same_weights(straight, tmp_path / "k9")
+
+
+def test_resume_refuses_changed_flags_unless_accepted(straight, tmp_path):
+    proc = run_script(["train.py", "--resume", straight, "--optim.lr", "0.5", "--data.no-hflip"], cwd=REPO_ROOT)
+    assert proc.returncode != 0
+    assert "optim.lr: None -> 0.5" in proc.stderr and "data.hflip" in proc.stderr and "--accept-config-changes" in proc.stderr
+    import shutil
+
+    shutil.copytree(straight, tmp_path / "more")
+    proc = run_script(["train.py", "--resume", tmp_path / "more", "--epochs", "4", "--accept-config-changes"], cwd=REPO_ROOT)
+    assert proc.returncode == 0
+    assert ckpt.load_checkpoint(tmp_path / "more")["epoch"] == 4
+
+
+def test_resume_refuses_data_with_other_classes(straight, tmp_path):
+    import shutil
+
+    from classifier.config import from_dict
+
+    data = tmp_path / "data"
+    shutil.copytree(from_dict(ckpt.load_checkpoint(straight)["config"]).data.root, data)
+    shutil.rmtree(data / "train" / "Bag")
+    shutil.rmtree(data / "test" / "Bag")
+    shutil.copytree(straight, tmp_path / "run")
+    proc = run_script(["train.py", "--resume", tmp_path / "run", "--data.root", data, "--accept-config-changes"], cwd=REPO_ROOT)
+    assert proc.returncode != 0 and "missing from the data: ['Bag']" in proc.stderr
+
+
+def test_corrupt_last_checkpoint_falls_back_to_the_previous(straight, tmp_path):
+    import shutil
+
+    shutil.copytree(straight, tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert ckpt.previous_of(last).is_file()  # the save before the last one was kept
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
+        assert ckpt.load_checkpoint(tmp_path / "run")["epoch"] == 2
+    ckpt.previous_of(last).unlink()
+    with pytest.raises(ValueError, match="last.pt"):
+        ckpt.load_checkpoint(tmp_path / "run")
+
+
+def test_resume_auto_recovers_a_crashed_worker_under_torchrun(straight, fmnist_small_root, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CRASH_MARKER": str(tmp_path / "crashed"), "DIE_AT_STEP": "20",
+           # torchrun would set 1 thread; the reference ran with this process's count, and CPU kernels
+           # split their sums by thread, so bit-identity needs the same count.
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    args = small_args(fmnist_small_root, tmp_path, "auto", "--epochs", "3", "--checkpoint-every-steps", "3", "--resume", "auto")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
+           "tests/crash_once_worker.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0
+    assert (tmp_path / "crashed").exists()  # it did die once
+    assert "resumed" in proc.stdout and "at epoch 1, step 18" in proc.stdout
+    assert same_weights(straight, tmp_path / "auto")
+
+
+def test_nan_loss_stops_and_names_the_batch(fmnist_small_root, tmp_path):
+    proc = run_script(["train.py", *small_args(fmnist_small_root, tmp_path, "nan", "--epochs", "2", "--optim.lr", "1e6",
+                                              "--optim.clip-grad-norm", "None", "--optim.warmup-epochs", "0",
+                                              "--log-every-steps", "1")], cwd=REPO_ROOT)
+    assert proc.returncode != 0
+    assert "the loss became NaN/inf in epoch 0, batch" in proc.stderr
+    listed = (tmp_path / "nan" / "nonfinite_batch.txt").read_text().split()
+    assert len(listed) == 8 and all(Path(p).is_file() for p in listed)
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()  # nothing NaN was saved
+
+
+def test_nan_loss_can_be_skipped(fmnist_small_root, tmp_path, monkeypatch):
+    from classifier.data import ImageDataset
+
+    real_getitem = ImageDataset.__getitem__
+
+    def poisoned(self, key):
+        image, label = real_getitem(self, key)
+        index = key[0] if isinstance(key, tuple) else key
+        return (torch.full_like(image, float("nan")) if index == 0 and isinstance(key, tuple) else image), label
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", poisoned)
+    result = train.main(parse_cli(small_args(fmnist_small_root, tmp_path, "skip", "--epochs", "2", "--nonfinite-loss", "skip",
+                                             "--log-every-steps", "1")))
+    saved = ckpt.load_checkpoint(tmp_path / "skip")
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert result["step"] == 26
+    events = (tmp_path / "skip" / "metrics.jsonl").read_text()
+    assert "NaN" not in events
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(fmnist_small_root, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def save_until_disk_full(obj, f, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(f, "wb") as handle:
+                handle.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_until_disk_full)
+    with pytest.raises(OSError, match="No space left on device.*previous file is intact"):
+        train.main(parse_cli(small_args(fmnist_small_root, tmp_path, "full", "--epochs", "2", "--checkpoint-every-steps", "5")))
+    assert ckpt.load_checkpoint(tmp_path / "full")["step"] == 10
+    assert not list((tmp_path / "full" / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out-dir", "/etc/hostname/runs"], "cannot write to the run directory"),
+        (["--model", "convnext_tiny", "--data.image-size", "8", "--data.resize-size", "8"], "--data.image-size 8 is too small for convnext_tiny"),
+        (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    ],
+)
+def test_bad_flags_are_named(extra, message, fmnist_small_root, tmp_path):
+    proc = run_script(["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--no-progress", *extra], cwd=REPO_ROOT)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    import pickle
+
+    class RunsCode:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'PWNED')!r}, 'w').write('x')",))
+
+    (tmp_path / "evil" / "checkpoints").mkdir(parents=True)
+    with open(tmp_path / "evil" / "checkpoints" / "last.pt", "wb") as f:
+        pickle.dump({"format": ckpt.FORMAT, "config": RunsCode()}, f)
+    torch.save({"format": ckpt.FORMAT, "config": RunsCode()}, tmp_path / "evil2.pt")
+    for target in (tmp_path / "evil", tmp_path / "evil2.pt"):
+        proc = run_script(["train.py", "--resume", target], cwd=REPO_ROOT)
+        assert proc.returncode != 0 and "cannot load checkpoint" in proc.stderr
+    assert not (tmp_path / "PWNED").exists()
