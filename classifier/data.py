@@ -188,17 +188,21 @@ def preprocessing_spec(
     }
 
 
-def eval_transform(spec: dict) -> T.Compose:
-    """uint8 CHW RGB tensor -> normalized float32 tensor, exactly as `spec` says."""
+def eval_resize_crop(spec: dict) -> T.Compose:
+    """uint8 CHW RGB -> uint8 CHW of the crop size: the geometric half of the eval transform, which a
+    consumer of a graph with baked-in normalization still does itself."""
     interpolation = InterpolationMode(spec["interpolation"])
     return T.Compose(
         [
             T.Resize(spec["resize_shorter_side"], interpolation=interpolation, antialias=True),
             T.CenterCrop(spec["center_crop"]),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(spec["mean"], spec["std"]),
         ]
     )
+
+
+def eval_transform(spec: dict) -> T.Compose:
+    """uint8 CHW RGB tensor -> normalized float32 tensor, exactly as `spec` says."""
+    return T.Compose([eval_resize_crop(spec), T.ToDtype(torch.float32, scale=True), T.Normalize(spec["mean"], spec["std"])])
 
 
 def train_transform(

@@ -28,7 +28,8 @@ def build_val_metrics(num_classes: int) -> MetricCollection:
         "top1": MulticlassAccuracy(num_classes, average="micro"),
         "per_class_acc": MulticlassAccuracy(num_classes, average=None),
         "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-        "macro_auroc": MulticlassAUROC(num_classes, average="macro"),
+        # per class: torchmetrics' macro average scores a class with no val images as 0 and averages it in
+        "auroc_per_class": MulticlassAUROC(num_classes, average=None),
         "confusion": MulticlassConfusionMatrix(num_classes),
     }
     if num_classes >= 5:
@@ -81,7 +82,10 @@ def evaluate(
         count += len(labels)
     all_reduce_sum(loss_sum)
     all_reduce_sum(count)
-    result = to_plain(metrics.compute())  # gathers across ranks: a sync point
+    computed = metrics.compute()  # gathers across ranks: a sync point
     metrics.reset()
+    present = computed["confusion"].sum(dim=1) > 0
+    computed["macro_auroc"] = computed.pop("auroc_per_class")[present].mean()  # over classes with val images
+    result = to_plain(computed)
     result["loss"] = (loss_sum / count.clamp(min=1)).item()
     return result

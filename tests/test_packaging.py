@@ -144,7 +144,8 @@ def test_readme_starts_with_make_targets() -> None:
     if not readme.is_file():
         pytest.skip("README.md not written yet")
     blocks = re.findall(r"```[a-z]*\n(.*?)```", readme.read_text(), flags=re.DOTALL)
-    lines = [ln.strip().removeprefix("$ ") for block in blocks for ln in block.splitlines()]
+    # a trailing "# comment" explains the command; it is not part of it
+    lines = [ln.split(" #")[0].strip().removeprefix("$ ") for block in blocks for ln in block.splitlines()]
     commands = [ln for ln in lines if ln and not ln.startswith("#")][:2]
     assert len(commands) == 2, f"README has fewer than two commands: {commands}"
     targets = makefile_targets()

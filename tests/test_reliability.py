@@ -241,7 +241,8 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     with open(tmp_path / "evil" / "checkpoints" / "last.pt", "wb") as f:
         pickle.dump({"format": ckpt.FORMAT, "config": RunsCode()}, f)
     torch.save({"format": ckpt.FORMAT, "config": RunsCode()}, tmp_path / "evil2.pt")
-    for target in (tmp_path / "evil", tmp_path / "evil2.pt"):
-        proc = run_script(["train.py", "--resume", target], cwd=REPO_ROOT)
+    for command in (["train.py", "--resume", tmp_path / "evil"], ["train.py", "--resume", tmp_path / "evil2.pt"],
+                    ["export.py", tmp_path / "evil2.pt"], ["evaluate.py", tmp_path / "evil2.pt"]):
+        proc = run_script(command, cwd=REPO_ROOT)
         assert proc.returncode != 0 and "cannot load checkpoint" in proc.stderr
     assert not (tmp_path / "PWNED").exists()

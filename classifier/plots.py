@@ -1,0 +1,129 @@
+"""Pictures of a run and of an evaluation: the confusion matrix heatmap, the training curves and a grid
+of misclassified images, saved as PNG.
+
+Figures are built as plain `matplotlib.figure.Figure` objects drawn by the Agg renderer, never through
+pyplot: no display is needed, no backend is switched under a notebook user, and no global figure
+registry grows epoch after epoch (a figure is freed with its last reference). Computing the numbers
+shown is the job of metrics.py and evaluation.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from classifier.checkpoint import atomic_write
+
+ANNOTATE_MAX_CLASSES = 30  # above this, numbers in the cells are too small to read
+
+
+def confusion_matrix_figure(confusion, classes: list[str], normalize: bool) -> Figure:
+    """Rows are true classes, columns predictions. `normalize` divides each row by its count, so the
+    diagonal is per-class recall. Size and fonts scale with the class count (readable from 10 to 100)."""
+    matrix = np.asarray(confusion, dtype=np.float64)
+    n = len(classes)
+    if normalize:
+        totals = matrix.sum(axis=1, keepdims=True)
+        matrix = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+    cell_in = min(0.6, max(0.17, 8.0 / n))  # 0.6 in per cell at 10 classes, 0.17 in at 100
+    font_pt = min(10.0, max(5.0, cell_in * 72 * 0.5))  # a label fits in about half a cell's height
+    label_in = max(len(name) for name in classes) * font_pt * 0.6 / 72 + 0.5  # room for the longest name
+    side = n * cell_in
+    fig = Figure(figsize=(side + label_in + 1.6, side + label_in + 0.9), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, matrix.max()))
+    colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
+    colorbar.set_label("share of the true class" if normalize else "images", fontsize=10)
+    ticks = np.arange(n)
+    rotation = 45 if n <= ANNOTATE_MAX_CLASSES else 90
+    ax.set_xticks(ticks, classes, fontsize=font_pt, rotation=rotation, ha="right" if rotation == 45 else "center",
+                  rotation_mode="anchor" if rotation == 45 else "default")
+    ax.set_yticks(ticks, classes, fontsize=font_pt)
+    ax.set_xlabel("Predicted class", fontsize=11)
+    ax.set_ylabel("True class", fontsize=11)
+    total = int(np.asarray(confusion).sum())
+    what = "row-normalized (diagonal = recall)" if normalize else "counts"
+    ax.set_title(f"Confusion matrix, {what}: {total} images, {n} classes", fontsize=12)
+    if n <= ANNOTATE_MAX_CLASSES:
+        threshold = (1.0 if normalize else matrix.max()) / 2  # white text on dark cells
+        for (row, col), value in np.ndenumerate(matrix):
+            if value == 0:
+                continue  # empty cells stay blank: the eye finds the errors faster
+            text = f"{value:.2f}" if normalize else f"{int(value)}"
+            color = "white" if value > threshold else "black"
+            ax.text(col, row, text, ha="center", va="center", fontsize=font_pt * 0.85, color=color)
+    return fig
+
+
+def curves_figure(records: list[dict]) -> Figure:
+    """Loss, top-1, macro F1 and learning rate per epoch from metrics.jsonl records. An epoch logged twice
+    (a crash between the log line and the checkpoint, then resume) is drawn once, with its last record."""
+    by_epoch = {record["epoch"]: record for record in records}
+    epochs = sorted(by_epoch)
+    rows = [by_epoch[e] for e in epochs]
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True)
+    panels = [
+        (axes[0, 0], "Loss", [("train", [r["train"]["loss"] for r in rows]), ("val", [r["val"]["loss"] for r in rows])]),
+        (axes[0, 1], "Top-1 accuracy", [("train (augmented)", [r["train"]["top1"] for r in rows]),
+                                        ("val", [r["val"]["top1"] for r in rows])]),
+        (axes[1, 0], "Macro F1 (val)", [("val", [r["val"]["macro_f1"] for r in rows])]),
+        (axes[1, 1], "Learning rate (at epoch end)", [("lr", [r["lr"] for r in rows])]),
+    ]
+    for ax, title, series in panels:
+        for label, values in series:
+            ax.plot(epochs, values, marker="o", markersize=4, label=label)
+        ax.set_title(title, fontsize=12)
+        ax.set_ylabel(title.split(" (")[0], fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=9)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch", fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1, 1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    fig.suptitle(f"Training curves ({len(epochs)} epochs)", fontsize=13)
+    return fig
+
+
+def errors_grid_figure(images, true_names: list[str], pred_names: list[str], confidences: list[float]) -> Figure:
+    """Misclassified images with their true and predicted class and the prediction's confidence.
+    `images` are uint8 RGB, CHW tensors (as data.load_image returns) or HWC arrays."""
+    n = len(images)
+    if n == 0:
+        fig = Figure(figsize=(5, 1.5), layout="constrained")
+        fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=12)
+        return fig
+    cols = min(6, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(cols * 2.1, rows * 2.6 + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).flatten()
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= n:
+            continue
+        image = images[i]
+        if isinstance(image, torch.Tensor):
+            image = image.permute(1, 2, 0).numpy()  # CHW -> HWC for imshow
+        ax.imshow(image, interpolation="nearest")  # small crops: show the pixels the model saw
+        title = f"true: {shorten(true_names[i])}\npred: {shorten(pred_names[i])}\n{confidences[i]:.0%} confident"
+        ax.set_title(title, fontsize=8, color="darkred")
+    fig.suptitle(f"Most confident errors ({n} shown)", fontsize=12)
+    return fig
+
+
+def shorten(name: str, limit: int = 22) -> str:
+    """Long class names would run into the neighbouring title (22 characters fit 2.1 in at 8 pt)."""
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
+    """Write `fig` as PNG atomically (a reader never sees half a file). The figure is not registered with
+    pyplot, so there is nothing to close: it can still be logged to TensorBoard afterwards."""
+    # bbox_inches="tight" crops the margins left where a square heatmap does not fill its figure.
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15))

@@ -1,0 +1,215 @@
+"""Judge a checkpoint or an exported ONNX model on one split and write a report people can look at.
+
+    python evaluate.py runs/NAME/checkpoints/best.pt --split test        # -> .../checkpoints/best-eval-test/
+    python evaluate.py runs/NAME/checkpoints/best-export/model.onnx --data.root DIR --out report/
+
+The split is rebuilt with data.build_splits and the run's seed and val fraction, so `val` is exactly the
+images the run validated on; data whose classes disagree with the model's mapping is refused. Writes
+metrics.json, confusion matrices (PNG and CSV), per_class.csv (worst first), confused_pairs.csv,
+predictions.csv and errors.png (the most confidently wrong images).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from classifier import checkpoint as ckpt
+from classifier import plots
+from classifier.data import ImageDataset, build_splits, eval_resize_crop, eval_transform, make_loader
+from classifier.evaluation import compute_report, confident_errors, worst_first
+from classifier.images import load_image
+from classifier.onnx_export import (
+    classes_from_mapping,
+    graph_input_transform,
+    onnx_session,
+    read_sidecar,
+    run_onnx,
+)
+from classifier.sampling import EpochSampler
+
+
+@dataclass(frozen=True)
+class EvalData:
+    root: Path | None = None
+    """ImageFolder root (with train/ for the class check). Default: the root the model was trained on."""
+    batch_size: int = 64
+    """Images per forward pass."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 loads in this process)."""
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    model: tyro.conf.Positional[Path]
+    """A checkpoint (.pt), a run directory (its checkpoints/last.pt) or an exported model.onnx."""
+    split: Literal["val", "test"] = "val"
+    """`val` is the run's own validation split (same seed and fraction); `test` is DATA_ROOT/test."""
+    out: Path | None = None
+    """Report folder. Default: <model stem>-eval-<split>/ beside the model file."""
+    data: EvalData = field(default_factory=EvalData)
+    device: str = "auto"
+    """PyTorch checkpoints only: 'auto' (CUDA when available), 'cpu', 'cuda'. ONNX runs on the CPU."""
+    errors: int = 36
+    """How many of the most confidently wrong images errors.png shows."""
+
+
+@dataclass
+class Classifier:
+    """A model to judge, whichever runtime it lives in: `predict` maps a batch of what `transform` makes
+    of each uint8 image to float32 logits on the CPU."""
+
+    predict: Callable[[torch.Tensor], torch.Tensor]
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    classes: list[str]
+    preprocessing: dict
+    data: dict  # root, val_fraction and seed of the run's split
+    source: Path
+    backend: str
+    weights: str
+
+
+def load_classifier(path: Path, device: str) -> Classifier:
+    if path.suffix == ".onnx":
+        sidecar = read_sidecar(path)
+        if "data" not in sidecar:
+            raise SystemExit(f"error: {path}'s sidecar does not record the data split (export it with export.py)")
+        session = onnx_session(path)
+        return Classifier(
+            predict=lambda images: torch.from_numpy(run_onnx(session, images, len(images))),
+            transform=graph_input_transform(sidecar.get("baked_preprocessing", "none"), sidecar["preprocessing"]),
+            classes=classes_from_mapping(sidecar),
+            preprocessing=sidecar["preprocessing"],
+            data=sidecar["data"],
+            source=path,
+            backend="onnxruntime",
+            weights=sidecar.get("weights", "unknown"),
+        )
+    path = ckpt.find_checkpoint(path)
+    state = ckpt.load_checkpoint(path)
+    model, weights = ckpt.model_from_checkpoint(state)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    model.to(device)
+    cfg = state["config"]
+
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return model(images.to(device)).float().cpu()
+
+    return Classifier(
+        predict=predict,
+        transform=eval_transform(state["preprocessing"]),
+        classes=list(state["classes"]),
+        preprocessing=state["preprocessing"],
+        data=dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]),
+        source=path,
+        backend="pytorch",
+        weights=weights,
+    )
+
+
+def to_csv(header: list[str], rows: list[list]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """metrics.json and the CSVs: per class (worst first), confused pairs, confusion matrix, predictions."""
+    classes = [row["class"] for row in report["per_class"]]
+    ckpt.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    ckpt.write_text(out / "per_class.csv", to_csv(
+        ["class", "index", "support", "precision", "recall", "f1"],
+        [[r["class"], r["index"], r["support"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}"]
+         for r in worst_first(report["per_class"])],
+    ))
+    ckpt.write_text(out / "confused_pairs.csv", to_csv(
+        ["true", "predicted", "count", "share_of_true"],
+        [[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.4f}"] for p in report["most_confused"]],
+    ))
+    ckpt.write_text(out / "confusion_matrix.csv", to_csv(
+        ["true \\ predicted", *classes], [[name, *row] for name, row in zip(classes, report["confusion"], strict=True)]
+    ))
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    ckpt.write_text(out / "predictions.csv", to_csv(
+        ["path", "true", "predicted", "confidence", "correct"],
+        [[path, classes[t], classes[p], f"{c:.4f}", int(t == p)]
+         for (path, _), t, p, c in zip(samples, labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)],
+    ))
+
+
+def write_pictures(out: Path, report: dict, samples: list, logits: torch.Tensor, labels: torch.Tensor,
+                   preprocessing: dict, errors: int) -> None:
+    """Both confusion matrices, and the `errors` most confidently wrong images as the model saw them."""
+    classes = [row["class"] for row in report["per_class"]]
+    for normalize, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
+        plots.save_figure(plots.confusion_matrix_figure(report["confusion"], classes, normalize), out / name)
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    wrong = confident_errors(logits, labels, errors)
+    crop = eval_resize_crop(preprocessing)  # the pixels the model saw, before normalization
+    plots.save_figure(plots.errors_grid_figure(
+        [crop(load_image(samples[i][0])) for i in wrong],
+        [classes[int(labels[i])] for i in wrong],
+        [classes[int(predicted[i])] for i in wrong],
+        [confidence[i].item() for i in wrong],
+    ), out / "errors.png")
+
+
+def main(args: EvalArgs) -> dict:
+    model = load_classifier(args.model, args.device)
+    root = args.data.root or Path(model.data["root"])
+    try:
+        splits = build_splits(root, model.data["val_fraction"], model.data["seed"], classes=model.classes)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: refusing to evaluate {model.source} on {root}:\n{err}") from None
+    samples = splits.val if args.split == "val" else splits.test
+    if not samples:
+        raise SystemExit(f"error: {root} has no {args.split} images")
+    out = args.out or model.source.parent / f"{model.source.stem}-eval-{args.split}"
+
+    # The split in file order: predictions.csv lines up with `samples`.
+    loader = make_loader(
+        ImageDataset(samples, model.transform),
+        EpochSampler(len(samples), shuffle=False),
+        batch_size=args.data.batch_size,
+        num_workers=args.data.num_workers,
+        drop_last=False,
+        pin_memory=False,
+    )
+    batches = [(model.predict(images), labels) for images, labels in loader]
+    logits = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+
+    report = {
+        "model": str(model.source),
+        "backend": model.backend,
+        "weights": model.weights,
+        "split": args.split,
+        "data_root": str(root),
+        **compute_report(logits, labels, model.classes),
+    }
+    write_tables(out, report, samples, logits, labels)
+    write_pictures(out, report, samples, logits, labels, model.preprocessing, args.errors)
+
+    top5 = f" | top-5 {report['top5']:.4f}" if report["top5"] is not None else ""
+    print(
+        f"{model.backend} {model.source} on {args.split} ({len(samples)} images from {root}): top-1 {report['top1']:.4f}{top5} | "
+        f"macro F1 {report['macro_f1']:.4f} | balanced acc {report['balanced_accuracy']:.4f} | ECE {report['ece']:.4f}"
+    )
+    worst = ", ".join(f"{r['class']} {r['f1']:.2f}" for r in worst_first(report["per_class"])[:5])
+    print(f"worst classes by F1: {worst}\nwrote {out}/")
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(EvalArgs, description=__doc__))

@@ -1,0 +1,182 @@
+"""evaluate.py and classifier/evaluation.py: the report's numbers, the files people read, the same numbers
+from a checkpoint and from its ONNX export, and refusing data whose classes disagree."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO_ROOT, run_script
+from PIL import Image
+from test_export import tiny_fmnist_export, tiny_fmnist_run
+
+import evaluate
+from classifier import checkpoint as ckpt
+from classifier.evaluation import compute_report, confident_errors, worst_first
+from classifier.fashion_mnist import CLASSES
+
+# Numbers that count images agree exactly; those that use probabilities may differ by float rounding.
+COUNT_METRICS = ("top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy")
+PROBABILITY_METRICS = ("macro_auroc", "ece", "loss")
+
+
+@pytest.fixture(scope="session")
+def run_and_onnx(fmnist_small_root, tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.getbasetemp()
+    run_dir = tiny_fmnist_run(fmnist_small_root, base)
+    out, _ = tiny_fmnist_export(run_dir, base)
+    return run_dir, out / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_report(run_and_onnx, tmp_path_factory) -> Path:
+    """evaluate.py as a user runs it, on best.pt, over the run's own validation split."""
+    run_dir, _ = run_and_onnx
+    out = tmp_path_factory.mktemp("eval") / "report"
+    proc = run_script(["evaluate.py", run_dir / "checkpoints" / "best.pt", "--split", "val", "--out", out], cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "top-1" in proc.stdout
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_files(checkpoint_report):
+    report = json.loads((checkpoint_report / "metrics.json").read_text())
+    assert report["backend"] == "pytorch" and report["weights"] == "ema" and report["split"] == "val"
+    assert report["num_images"] == 10 and report["num_classes"] == 10
+    for name in (*COUNT_METRICS, *PROBABILITY_METRICS):
+        assert isinstance(report[name], float), name
+    assert [row["class"] for row in report["per_class"]] == sorted(CLASSES)  # training's order
+    assert sum(row["support"] for row in report["per_class"]) == 10
+
+    per_class = read_csv(checkpoint_report / "per_class.csv")
+    f1 = [float(row["f1"]) for row in per_class]
+    assert f1 == sorted(f1) and len(per_class) == 10  # worst first
+    confusion = read_csv(checkpoint_report / "confusion_matrix.csv")
+    assert [[int(row[c]) for c in sorted(CLASSES)] for row in confusion] == report["confusion"]
+    predictions = read_csv(checkpoint_report / "predictions.csv")
+    assert len(predictions) == 10 and all(Path(row["path"]).is_file() for row in predictions)
+    assert sum(int(row["correct"]) for row in predictions) == round(report["top1"] * 10)
+    pairs = read_csv(checkpoint_report / "confused_pairs.csv")
+    assert sum(int(row["count"]) for row in pairs) == 10 - sum(int(row["correct"]) for row in predictions)
+
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png"):
+        with Image.open(checkpoint_report / name) as image:
+            assert image.format == "PNG"
+            image.load()
+            assert 300 <= min(image.size) and max(image.size) <= 2500, (name, image.size)
+
+
+def test_val_is_the_split_training_validated_on(run_and_onnx, checkpoint_report):
+    run_dir, _ = run_and_onnx
+    trained = ckpt.load_checkpoint(run_dir / "checkpoints" / "best.pt")["val_metrics"]
+    report = json.loads((checkpoint_report / "metrics.json").read_text())
+    assert report["confusion"] == trained["confusion"]
+    assert report["top1"] == pytest.approx(trained["top1"], abs=1e-6)
+    assert report["macro_f1"] == pytest.approx(trained["macro_f1"], abs=1e-6)
+
+
+def test_onnx_gives_the_checkpoints_numbers(run_and_onnx, checkpoint_report, tmp_path, capsys):
+    _, onnx_path = run_and_onnx
+    # The export folder, linked elsewhere: the report then lands beside the link (the default --out).
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    for name in ("model.onnx", "labels_mapping.json"):
+        (folder / name).symlink_to(onnx_path.parent / name)
+    onnx_report = evaluate.main(evaluate.EvalArgs(folder / "model.onnx", split="val"))
+    assert onnx_report["backend"] == "onnxruntime" and "onnxruntime" in capsys.readouterr().out
+    assert (folder / "model-eval-val" / "metrics.json").is_file()
+
+    torch_report = json.loads((checkpoint_report / "metrics.json").read_text())
+    for name in COUNT_METRICS:
+        assert onnx_report[name] == pytest.approx(torch_report[name], abs=1e-6), name
+    for name in PROBABILITY_METRICS:
+        assert onnx_report[name] == pytest.approx(torch_report[name], abs=1e-4), name
+    assert onnx_report["confusion"] == torch_report["confusion"]
+    for onnx_row, torch_row in zip(onnx_report["per_class"], torch_report["per_class"], strict=True):
+        assert (onnx_row["class"], onnx_row["support"]) == (torch_row["class"], torch_row["support"])
+        for name in ("precision", "recall", "f1"):
+            assert onnx_row[name] == pytest.approx(torch_row[name], abs=1e-6)
+    columns = ("path", "true", "predicted")
+    rows = [read_csv(d / "predictions.csv") for d in (folder / "model-eval-val", checkpoint_report)]
+    assert [[r[c] for c in columns] for r in rows[0]] == [[r[c] for c in columns] for r in rows[1]]
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "onnx"])
+def test_refuses_data_with_other_classes(kind, run_and_onnx, tmp_path):
+    run_dir, onnx_path = run_and_onnx
+    root = tmp_path / "data"
+    for name in [*CLASSES[:-1], "Hat"]:  # Ankle_boot missing, Hat new
+        (root / "train" / name).mkdir(parents=True)
+    model = run_dir / "checkpoints" / "best.pt" if kind == "checkpoint" else onnx_path
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(evaluate.EvalArgs(model, data=evaluate.EvalData(root=root), out=tmp_path / "report"))
+    message = str(refused.value.code)
+    assert "refusing" in message and "missing from the data: ['Ankle_boot']" in message
+    assert "not in the checkpoint: ['Hat']" in message
+    assert not (tmp_path / "report").exists()
+
+
+def test_refuses_onnx_whose_sidecar_is_another_models(run_and_onnx, tmp_path):
+    _, onnx_path = run_and_onnx
+    sidecar = json.loads((onnx_path.parent / "labels_mapping.json").read_text())
+    names = sidecar["idx_to_class"]
+    names["0"], names["1"] = names["1"], names["0"]  # a class order that is not the model's
+    (tmp_path / "labels_mapping.json").write_text(json.dumps(sidecar))
+    (tmp_path / "model.onnx").symlink_to(onnx_path)
+    with pytest.raises(ValueError, match="idx_to_class"):
+        evaluate.main(evaluate.EvalArgs(tmp_path / "model.onnx", out=tmp_path / "report"))
+
+
+# --- the numbers, on cases worked out by hand --------------------------------------------------------
+
+
+def one_hot_logits(predicted: list[int], k: int, confidence: list[float] | None = None) -> torch.Tensor:
+    logits = torch.zeros(len(predicted), k)
+    for i, p in enumerate(predicted):
+        logits[i, p] = 5.0 if confidence is None else confidence[i]
+    return logits
+
+
+def test_report_numbers_by_hand():
+    classes = ["a", "b", "c", "d"]
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])  # no image of d
+    predicted = [0, 1, 1, 1, 2, 3]  # an a taken for b, a c taken for d
+    report = compute_report(one_hot_logits(predicted, 4), labels, classes)
+    assert report["top1"] == pytest.approx(4 / 6)
+    assert report["top5"] is None  # fewer than 5 classes
+    # Recall a 0.5, b 1, c 0.5; d has no images and is left out (torchmetrics' macro recall gives 0.5).
+    assert report["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert report["classes_without_images"] == ["d"]
+    assert 0.5 < report["macro_auroc"] <= 1.0  # a 0 for d would pull a mean of 3 good classes below 0.75
+    assert report["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
+    assert report["most_confused"] == [
+        {"true": "a", "predicted": "b", "count": 1, "share_of_true": 0.5},
+        {"true": "c", "predicted": "d", "count": 1, "share_of_true": 0.5},
+    ]
+    b = report["per_class"][1]
+    assert (b["precision"], b["recall"], b["support"]) == (pytest.approx(2 / 3), 1.0, 2)
+    assert [row["class"] for row in worst_first(report["per_class"])] == ["a", "c", "b", "d"]
+
+
+def test_calibration_error():
+    labels = torch.tensor([0, 1, 0, 1])
+    # Always ~100% sure, right half the time: ECE 0.5. Always 50% sure and right half the time: ECE 0.
+    overconfident = compute_report(one_hot_logits([0, 0, 0, 0], 2, [30.0] * 4), labels, ["x", "y"])
+    assert overconfident["ece"] == pytest.approx(0.5, abs=1e-4)
+    calibrated = compute_report(torch.zeros(4, 2), labels, ["x", "y"])
+    assert calibrated["ece"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_confident_errors_most_confident_first():
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    logits = one_hot_logits([0, 0, 1, 1, 0], 2, [1.0, 2.0, 1.0, 4.0, 3.0])
+    assert confident_errors(logits, labels, limit=10) == [3, 4, 1]
+    assert confident_errors(logits, labels, limit=2) == [3, 4]

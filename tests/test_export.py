@@ -1,0 +1,259 @@
+"""export.py and classifier/onnx_export.py: checkpoint -> ONNX -> onnxruntime gives PyTorch's answers, the
+sidecar carries the training class order, and a failed verification leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import REPO_ROOT, run_script
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import export
+from classifier import checkpoint as ckpt
+from classifier import onnx_export
+from classifier.data import build_splits, eval_resize_crop, eval_transform
+from classifier.images import load_image
+
+# SGD: AdamW's step over ResNet18's 11M parameters costs over a second on this CPU; the optimizer is not under test.
+TINY_RUN = ["--model", "resnet18", "--epochs", "1", "--data.num-workers", "0", "--ema-half-life-epochs", "0.1",
+            "--optim.optimizer", "sgd", "--no-progress"]  # fmt: skip
+
+
+def train_tiny_run(root: Path, out_dir: Path, *flags: str) -> Path:
+    """A real run directory from one or two training steps, trained in this process (seconds)."""
+    import train
+    from classifier.config import parse_cli
+
+    args = [*TINY_RUN, "--data.root", str(root), "--out-dir", str(out_dir), "--name", "run", *flags]
+    return Path(train.main(parse_cli(args))["run_dir"])
+
+
+# Session fixtures cannot be shared across test files without conftest.py, so the Fashion-MNIST run and
+# its export are plain functions memoized in the session's base temp folder; test_evaluate.py imports them.
+
+
+def tiny_fmnist_run(fmnist_root: Path, base: Path) -> Path:
+    run_dir = base / "tiny-fmnist" / "run"
+    if not (run_dir / "checkpoints" / "best.pt").is_file():
+        # The ImageNet stem at 32 px: the cheapest ResNet18 to train; the architecture is not under test.
+        # Two steps: the EMA copies the model at its first update and only averages from the second on.
+        flags = ["--data.image-size", "32", "--data.resize-size", "32", "--data.batch-size", "8", "--data.max-train-batches", "2"]
+        train_tiny_run(fmnist_root, run_dir.parent, *flags)
+    return run_dir
+
+
+def tiny_fmnist_export(run_dir: Path, base: Path) -> tuple[Path, str]:
+    """The command line as a user runs it: export.py on best.pt into a fresh folder; (folder, stdout)."""
+    out, log = base / "tiny-fmnist-export", base / "tiny-fmnist-export.log"
+    if not log.is_file():
+        proc = run_script(["export.py", run_dir / "checkpoints" / "best.pt", "--out", out, "--batch-size", "8"], cwd=REPO_ROOT)
+        assert proc.returncode == 0, proc.stderr
+        log.write_text(proc.stdout)
+    return out, log.read_text()
+
+
+@pytest.fixture(scope="session")
+def fmnist_run(fmnist_small_root, tmp_path_factory) -> Path:
+    return tiny_fmnist_run(fmnist_small_root, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def exported(fmnist_run, tmp_path_factory) -> tuple[Path, str]:
+    return tiny_fmnist_export(fmnist_run, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def fmnist_best(fmnist_run) -> tuple[dict, torch.nn.Module]:
+    """best.pt and the model rebuilt from it (the EMA weights, eval mode), loaded once."""
+    state = ckpt.load_checkpoint(fmnist_run / "checkpoints" / "best.pt")
+    return state, ckpt.model_from_checkpoint(state)[0]
+
+
+def split_images(root: Path, preprocessing: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The test split of `root` as uint8 images and as the normalized batch PyTorch evaluates."""
+    paths = sorted((root / "test").rglob("*.png"))
+    images = [load_image(str(p)) for p in paths]
+    return images, torch.stack([eval_transform(preprocessing)(im) for im in images])
+
+
+def test_round_trip_matches_pytorch(fmnist_best, exported, fmnist_small_root):
+    out, stdout = exported
+    assert "real images" in stdout and "SYNTHETIC" not in stdout
+    assert stdout.count("top-1 agreement 8/8 (100.0%) | ok") == 2  # batch 1 and batch 8
+
+    state, model = fmnist_best
+    _, inputs = split_images(fmnist_small_root, state["preprocessing"])
+    with torch.no_grad():
+        expected = model(inputs).numpy()
+    session = onnx_export.onnx_session(out / "model.onnx")
+    logits = session.run(["logits"], {"images": inputs.numpy()})[0]
+    assert (logits.argmax(1) == expected.argmax(1)).all()  # 100% top-1 agreement on 40 unseen images
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_dynamic_batch(exported):
+    out, _ = exported
+    session = onnx_export.onnx_session(out / "model.onnx")
+    assert session.get_inputs()[0].shape[0] == "batch"
+    single = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    logits = {n: session.run(None, {"images": single[:n]})[0] for n in (1, 3, 8)}
+    assert [v.shape for v in logits.values()] == [(1, 10), (3, 10), (8, 10)]
+    np.testing.assert_allclose(logits[1], logits[8][:1], atol=1e-5)
+    np.testing.assert_allclose(logits[3], logits[8][:3], atol=1e-5)
+
+
+def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnist_best, exported):
+    out, _ = exported
+    assert sorted(p.name for p in out.iterdir()) == ["labels_mapping.json", "model.onnx", "model.safetensors"]
+    state, _ = fmnist_best
+    sidecar = json.loads((out / "labels_mapping.json").read_text())
+
+    assert onnx_export.classes_from_mapping(sidecar) == state["classes"]
+    assert sidecar["classes_sha256"] == onnx_export.classes_sha256(state["classes"])
+    assert sidecar["preprocessing"] == state["preprocessing"]
+    assert sidecar["weights"] == "ema" and sidecar["data"]["seed"] == 0
+    assert sidecar["input"] == {"name": "images", "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, 32, 32]}
+
+    proto = onnx.load(str(out / "model.onnx"))
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [onnx_export.OPSET]
+    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert onnx_export.read_onnx_metadata(out / "model.onnx") == sidecar
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert onnx_export.decode_metadata(f.metadata()) == sidecar
+
+    # The EMA weights, the ones validated and checkpointed as best, not the raw model's.
+    ema_weights, which = ckpt.inference_weights(state)
+    saved = load_file(out / "model.safetensors")
+    assert which == "ema" and saved.keys() == ema_weights.keys()
+    assert all(torch.equal(saved[k], ema_weights[k]) for k in saved)
+    assert not all(torch.equal(saved[k], state["model"][k]) for k in saved)
+
+
+@pytest.mark.parametrize("layout", ["uint8-nchw", "uint8-nhwc"])
+def test_baked_module_equals_the_pytorch_pipeline(layout, fmnist_best, fmnist_small_root):
+    """The module that gets traced, before any ONNX: raw pixels in, the pipeline's logits out."""
+    state, model = fmnist_best
+    images, inputs = split_images(fmnist_small_root, state["preprocessing"])
+    to_graph = onnx_export.graph_input_transform(layout, state["preprocessing"])
+    pixels = torch.stack([to_graph(image) for image in images])
+    spec = onnx_export.input_spec(layout, 32)
+    assert pixels.dtype == torch.uint8 and list(pixels.shape[1:]) == spec["shape"][1:]
+    with torch.no_grad():
+        baked = onnx_export.graph_module(model, layout, state["preprocessing"])(pixels)
+        expected = model(inputs)  # data.eval_transform, then the model
+    torch.testing.assert_close(baked, expected, atol=1e-5, rtol=0)
+
+
+def test_failed_verification_exits_nonzero_and_leaves_no_model(fmnist_run, exported, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"the previous, verified export")
+    real_run_onnx = onnx_export.run_onnx
+
+    def broken(session, inputs, batch_size):  # what a wrong graph would return: logits off by 0.05
+        return real_run_onnx(session, inputs, batch_size) + 0.05
+
+    monkeypatch.setattr(onnx_export, "run_onnx", broken)
+    # The tracing itself is tested above; here a copy of a good export stands in for it (saves seconds).
+    monkeypatch.setattr(export, "export_onnx", lambda module, path, example, metadata: shutil.copyfile(exported[0] / "model.onnx", path))
+    with pytest.raises(SystemExit) as failure:
+        export.main(export.ExportArgs(fmnist_run, out=out, batch_size=4))
+    assert failure.value.code not in (0, None)
+    assert "disagrees" in str(failure.value.code)
+    assert capsys.readouterr().out.count("FAILED") == 2
+    # Nothing new: no sidecar, no weights, no temp files, and the old model untouched.
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    assert (out / "model.onnx").read_bytes() == b"the previous, verified export"
+
+
+def test_verification_images_real_or_clearly_synthetic(fmnist_small_root, tmp_path):
+    classes = build_splits(fmnist_small_root, 0.1, 0).classes
+    images, note = export.verification_images(fmnist_small_root, classes, 0.1, 0, n=5, size=32)
+    assert len(images) == 5 and note.startswith("verifying on 5 real images")
+    assert len({i.sum().item() for i in images}) == 5  # spread over the split, not one image repeated
+
+    images, note = export.verification_images(tmp_path / "gone", classes, 0.1, 0, n=3, size=40)
+    assert [tuple(i.shape) for i in images] == [(3, 40, 40)] * 3 and images[0].dtype == torch.uint8
+    assert "SYNTHETIC" in note and "NOT checked" in note and "gone" in note
+
+
+def test_classes_from_mapping_orders_indices_as_numbers():
+    names = [f"name{i}" for i in range(12)]
+    keys = list(range(12))
+    random.Random(0).shuffle(keys)
+    mapping = {"num_classes": 12, "idx_to_class": {str(i): names[i] for i in keys}}
+    assert onnx_export.classes_from_mapping(mapping) == names  # "10" and "11" after "9", not after "1"
+    with pytest.raises(ValueError, match="0..12"):
+        onnx_export.classes_from_mapping({"num_classes": 13, "idx_to_class": mapping["idx_to_class"]})
+
+
+# --- numeric class names -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def numeric_run(tmp_path_factory) -> Path:
+    """Folders 2, 7 and 10 (jersey numbers): sorted as text they would be 10, 2, 7."""
+    root = tmp_path_factory.mktemp("numeric") / "data"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["10", "2", "7"]):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8) + np.uint8(80 * label)
+            Image.fromarray(pixels).save(root / "train" / name / f"{i}.png")
+    flags = ["--small-input-stem", "--data.image-size", "16", "--data.resize-size", "16", "--data.batch-size", "8",
+             "--data.max-train-batches", "1", "--data.val-fraction", "0.34"]  # fmt: skip
+    return train_tiny_run(root, tmp_path_factory.mktemp("numeric-run"), *flags)
+
+
+@pytest.fixture(scope="session")
+def numeric_export(numeric_run, tmp_path_factory) -> tuple[Path, str]:
+    """From train.py's best.safetensors (class order from its metadata, architecture from config.json),
+    with preprocessing baked in for raw NHWC pixels: (folder, what export printed)."""
+    out = tmp_path_factory.mktemp("numeric-export")
+    args = export.ExportArgs(numeric_run / "best.safetensors", out=out, bake_preprocessing="uint8-nhwc", batch_size=6)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        export.main(args)
+    return out, printed.getvalue()
+
+
+def test_numeric_class_names_keep_training_order(numeric_run, numeric_export):
+    out, printed = numeric_export
+    assert "verifying on 6 real images" in printed and printed.count("(100.0%) | ok") == 2
+    state = ckpt.load_checkpoint(numeric_run / "checkpoints" / "best.pt")
+    assert state["classes"] == ["2", "7", "10"]
+    sidecar = json.loads((out / "labels_mapping.json").read_text())
+    assert sidecar["idx_to_class"] == {"0": "2", "1": "7", "2": "10"}
+    assert sidecar["class_to_idx"] == {"2": 0, "7": 1, "10": 2}
+    assert onnx_export.classes_from_mapping(sidecar) == state["classes"]
+    assert sidecar["small_input_stem"] is True
+    assert onnx_export.read_onnx_metadata(out / "model.onnx")["idx_to_class"] == sidecar["idx_to_class"]
+
+
+def test_baked_export_takes_raw_pixels(numeric_run, numeric_export):
+    out, _ = numeric_export
+    sidecar = json.loads((out / "labels_mapping.json").read_text())
+    assert sidecar["baked_preprocessing"] == "uint8-nhwc"
+    assert sidecar["input"]["dtype"] == "uint8" == sidecar["preprocessing"]["dtype"]
+    assert sidecar["preprocessing"]["layout"] == "NHWC" and "do NOT normalize" in sidecar["preprocessing"]["scale"]
+
+    state = ckpt.load_checkpoint(numeric_run)
+    model, _ = ckpt.model_from_checkpoint(state)
+    images = [load_image(str(p)) for p in sorted((Path(state["config"]["data"]["root"]) / "train").rglob("*.png"))]
+    crop = eval_resize_crop(state["preprocessing"])
+    pixels = torch.stack([crop(image).permute(1, 2, 0) for image in images])  # NHWC uint8, as a camera gives
+    logits = onnx_export.onnx_session(out / "model.onnx").run(None, {"images": pixels.numpy()})[0]
+    with torch.no_grad():
+        expected = model(torch.stack([eval_transform(state["preprocessing"])(im) for im in images])).numpy()
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
