@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from classifier import checkpoint as ckpt
-from classifier import distributed
+from classifier import distributed, plots
 from classifier.config import (
     TrainConfig,
     config_differences,
@@ -50,6 +50,7 @@ from classifier.data import (
 )
 from classifier.debugging import overfit_one_batch
 from classifier.ema import build_ema, decay_per_step
+from classifier.fastdata import BatchAugment, BatchEval, TensorLoader, load_or_build_cache
 from classifier.faults import NonFiniteWatch, StopRequest
 from classifier.images import scan_images, write_report
 from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
@@ -144,8 +145,24 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world_size=world)
     workers = 0 if cfg.debug else d.num_workers  # main-process loading: breakpoints in data code work
     loader_args = dict(batch_size=d.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    train_loader = make_loader(train_set, train_sampler, drop_last=True, **loader_args)
-    val_loader = make_loader(val_set, val_sampler, drop_last=False, **loader_args)
+    if d.fast_path:
+        # Decode once (or read the cache): train as squares of the eval resize, val with the eval crop
+        # already applied. Batches are then sliced and augmented as tensors on the device.
+        side, show = preprocessing["resize_shorter_side"], cfg.progress and dist_info.is_main
+        if d.cache_dir is not None and not dist_info.is_main:
+            distributed.barrier()  # rank 0 decodes and writes the cache; the others then read it
+        train_images, train_labels = load_or_build_cache(splits.train, side, d.interpolation, d.cache_dir, num_workers=workers, progress=show)
+        val_images, val_labels = load_or_build_cache(splits.val, side, d.interpolation, d.cache_dir, crop=d.image_size, num_workers=workers, progress=show)
+        if d.cache_dir is not None and dist_info.is_main:
+            distributed.barrier()
+        batch_augment = BatchAugment(d.image_size, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio, hflip=d.hflip,
+                                     color_jitter=d.color_jitter, mean=d.mean, std=d.std, channels_last=cfg.channels_last)
+        batch_eval = BatchEval(d.image_size, mean=d.mean, std=d.std, channels_last=cfg.channels_last)
+        train_loader = TensorLoader(train_images, train_labels, train_sampler, batch_size=d.batch_size, drop_last=True, transform=batch_augment, device=device)
+        val_loader = TensorLoader(val_images, val_labels, val_sampler, batch_size=d.batch_size, drop_last=False, transform=batch_eval, device=device)
+    else:
+        train_loader = make_loader(train_set, train_sampler, drop_last=True, **loader_args)
+        val_loader = make_loader(val_set, val_sampler, drop_last=False, **loader_args)
 
     # Derived once, never written back into cfg.
     accum = cfg.optim.grad_accum_steps
@@ -351,7 +368,14 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                 ckpt.atomic_copy(last_path, run_dir / "checkpoints" / "best.pt")  # no second serialization
                 weights = ema.module.state_dict() if ema is not None else model.state_dict()
                 ckpt.save_safetensors(weights, run_dir / "best.safetensors", ckpt.labels_mapping(
-                    classes, preprocessing, cfg.model, weights="ema" if ema is not None else "raw", epoch=epoch))
+                    classes, preprocessing, cfg.model, weights="ema" if ema is not None else "raw", epoch=epoch,
+                    small_input_stem=cfg.small_input_stem, data={"root": str(d.root), "val_fraction": d.val_fraction, "seed": cfg.seed}))
+            # Pictures after the checkpoints, so a plotting error can never cost one.
+            confusion_figure = plots.confusion_matrix_figure(val["confusion"], classes, normalize=False)
+            plots.save_figure(confusion_figure, run_dir / "plots" / "confusion_matrix.png")
+            log.figure("val/confusion_matrix", confusion_figure, step)
+            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            plots.save_figure(plots.curves_figure(history), run_dir / "plots" / "curves.png")
         distributed.barrier()  # no rank races ahead of the checkpoint
         if stop.requested(device):
             log.print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run_dir}")

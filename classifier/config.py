@@ -63,6 +63,12 @@ class DataConfig:
     """Images per device per forward pass. The global batch is batch_size * world size * grad_accum_steps."""
     num_workers: int = 4
     """DataLoader worker processes (0 loads in the main process, as --debug does)."""
+    fast_path: bool = False
+    """Small images: decode every image once into a uint8 tensor and augment whole batches on the device
+    (classifier/fastdata.py): no per-image PIL work and no worker processes while training."""
+    cache_dir: Path | None = None
+    """With --data.fast-path: keep the decoded images in this folder (e.g. DATA_ROOT/.cache) so the next
+    run skips decoding; None keeps them in memory only."""
     weighted_sampler: bool = False
     """Draw training images with replacement, weighted so that every class is drawn equally often."""
     class_weighted_loss: bool = False
@@ -240,7 +246,8 @@ def parse_cli(argv: list[str] | None = None, description: str | None = None) -> 
 
 
 # Fields a resumed run may change without --accept-config-changes: they do not change the results.
-HARMLESS_ON_RESUME = {"resume", "accept_config_changes", "progress", "log_every_steps", "checkpoint_every_steps", "data.num_workers"}
+HARMLESS_ON_RESUME = {"resume", "accept_config_changes", "progress", "log_every_steps", "checkpoint_every_steps", "data.num_workers",
+                      "data.cache_dir"}
 
 
 def config_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:

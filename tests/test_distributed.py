@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +86,8 @@ def test_resume_under_ddp_matches_the_straight_run(ddp_run, repo_root, tmp_path)
     one[one.index("--epochs") + 1] = "1"
     one[one.index("--out-dir") + 1] = str(tmp_path / "runs")
     assert torchrun(one, repo_root, tmp_path).returncode == 0
-    proc = torchrun(["tests/ddp_worker.py", "--resume", tmp_path / "runs" / "ddp", "--epochs", "2"], repo_root, tmp_path)
+    proc = torchrun(["tests/ddp_worker.py", "--resume", tmp_path / "runs" / "ddp", "--epochs", "2", "--accept-config-changes"],
+                    repo_root, tmp_path)
     assert proc.returncode == 0
     straight, resumed = torch.load(out / "rank0.pt"), torch.load(tmp_path / "rank0.pt")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

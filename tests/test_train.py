@@ -16,11 +16,12 @@ from classifier.config import parse_cli
 FAST = ["--data.image-size", "32", "--data.resize-size", "32", "--no-progress", "--log-every-steps", "1000"]
 
 
-def test_trains_fashion_mnist_far_above_chance(fmnist_root, tmp_path, repo_root):
+@pytest.mark.parametrize("path", ["regular", "fast"])
+def test_trains_fashion_mnist_far_above_chance(path, fmnist_root, tmp_path, repo_root):
     args = ["train.py", "--model", "resnet18", "--data.root", fmnist_root, "--out-dir", tmp_path, "--name", "e2e",
             "--epochs", "4", "--data.batch-size", "32", "--data.num-workers", "1", "--optim.lr", "2e-3",
             "--data.crop-scale", "0.7", "1", "--data.mean", "0.286", "0.286", "0.286", "--data.std", "0.353", "0.353", "0.353",
-            *FAST]
+            *FAST, *(["--data.fast-path"] if path == "fast" else [])]
     proc = run_script(args, cwd=repo_root)
     assert proc.returncode == 0
     run = tmp_path / "e2e"
@@ -54,14 +55,17 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(fmnist_small_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["regular", "fast"])
+def test_interrupted_and_resumed_run_is_bit_identical(path, fmnist_small_root, tmp_path, monkeypatch):
     """Mid-epoch interruption, with gradient accumulation, 2 workers, the weighted sampler, augmentation
-    and EMA: the resumed run must end with exactly the weights of the uninterrupted one."""
+    and EMA: the resumed run must end with exactly the weights of the uninterrupted one, on both the
+    regular (PIL, workers) and the fast (tensor cache, batch augmentation) data path."""
     # mobilenet_v3_small: it has dropout, so the restored torch RNG state matters too.
     common = ["--model", "mobilenet_v3_small", "--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path),
               "--epochs", "3", "--data.batch-size", "8", "--data.num-workers", "2", "--optim.grad-accum-steps", "2",
               "--data.weighted-sampler", "--data.color-jitter", "0.3", "--data.image-size", "32", "--data.resize-size", "32",
-              "--checkpoint-every-steps", "4", "--no-progress", "--ema-half-life-epochs", "0.5"]
+              "--checkpoint-every-steps", "4", "--no-progress", "--ema-half-life-epochs", "0.5",
+              *(["--data.fast-path", "--data.cache-dir", str(tmp_path / "cache")] if path == "fast" else [])]
     straight = train.main(parse_cli([*common, "--name", "straight"]))
 
     calls = {"n": 0}

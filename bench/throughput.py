@@ -1,0 +1,205 @@
+"""Training throughput of the data paths against the bare-loop limit, in one process, on the same data.
+
+    python -m classifier.fashion_mnist data/fashion-mnist          # once: Fashion-MNIST as an ImageFolder
+    python bench/throughput.py                                       # ResNet18, 32 px, bf16, 5120 images
+    python bench/throughput.py --device cuda --channels-last --compile --batch-size 256
+
+Three ways to feed the same model step (forward, backward, AdamW step) at the same batch size and precision:
+  bare     batches already on the device as float tensors: the limit, no data work at all
+  regular  classifier.data: PNG decode + v2 transforms per image in DataLoader workers
+  fast     classifier.fastdata: decoded once into uint8 tensors, augmented whole batches at a time
+The three take turns within every repeat, so a burst of load from other processes hits all of them;
+the table shows the median images/s and the median of each repeat's ratio to the bare loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` without installing the repo
+
+from classifier.config import DataConfig, OptimConfig  # noqa: E402
+from classifier.data import (  # noqa: E402
+    ImageDataset,
+    find_classes,
+    list_images,
+    make_loader,
+    preprocessing_spec,
+    train_transform,
+)
+from classifier.distributed import pick_device  # noqa: E402
+from classifier.fastdata import BatchAugment, TensorLoader, decode_split  # noqa: E402
+from classifier.models import build_model  # noqa: E402
+from classifier.optim import build_optimizer, default_lr  # noqa: E402
+from classifier.sampling import EpochSampler  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    root: Path = Path("data/fashion-mnist")
+    """ImageFolder root; its train/ split is read (`python -m classifier.fashion_mnist DIR` makes one)."""
+    images: int = 5120
+    """Images drawn (seeded) from train/ for all three paths."""
+    batch_size: int = 128
+    """Images per step."""
+    image_size: int = 32
+    """Side of the training crop."""
+    workers: int = min(4, os.cpu_count() or 1)
+    """DataLoader workers of the regular path."""
+    repeats: int = 3
+    """Rounds of (bare, regular, fast); the table shows medians over rounds."""
+    batches: int = 20
+    """Timed steps per path per round."""
+    warmup: int = 3
+    """Untimed steps before each timing (allocator, oneDNN caches, the DataLoader's pipeline filling up)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Autocast dtype, as train.py's --precision."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
+    channels_last: bool = False
+    """channels_last model and images."""
+    compile: bool = False
+    """torch.compile the model (one compile, shared by the three paths; slow to start)."""
+    small_input_stem: bool = False
+    """ResNet18 with the 3x3 stride-1 stem and no max-pool (more compute per 32 px image)."""
+    seed: int = 0
+    """Seeds the subset, the model and the data order."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA work is queued: stop the clock only when it is done
+
+
+def images_per_s(batches: Iterator, step: Callable, *, warmup: int, count: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step(*next(batches))
+    synchronize(device)
+    start, seen = time.perf_counter(), 0
+    for _ in range(count):
+        images, labels = next(batches)
+        step(images, labels)
+        seen += len(labels)
+    synchronize(device)
+    return seen / (time.perf_counter() - start)
+
+
+def endless(loader, sampler: EpochSampler, first_epoch: int) -> Iterator:
+    """Batches of epoch after epoch, as train.py draws them (set_epoch, then iterate the loader)."""
+    for epoch in itertools.count(first_epoch):
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def describe_machine(device: torch.device) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    load = " | load average " + " ".join(f"{n:.2f}" for n in os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return (f"machine: {cores} usable cores (of {os.cpu_count()}) | torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads | device {device} ({name}){load}")
+
+
+def main(args: BenchArgs) -> dict[str, float]:
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    print(describe_machine(device))
+
+    # --- the same data for every path -------------------------------------------------------------------
+    classes = find_classes(args.root / "train")
+    every = list_images(args.root / "train", {name: i for i, name in enumerate(classes)})
+    order = torch.randperm(len(every), generator=torch.Generator().manual_seed(args.seed))
+    samples = [every[i] for i in order[: args.images].tolist()]
+    if len(samples) < args.batch_size:
+        raise SystemExit(f"error: {len(samples)} images cannot fill one batch of {args.batch_size}")
+    d = DataConfig()  # the trainer's default augmentation, for both paths
+    spec = preprocessing_spec(args.image_size, None, d.mean, d.std, d.interpolation)
+    print(f"data: {len(samples)} images from {args.root / 'train'} ({len(classes)} classes) | batch {args.batch_size} | "
+          f"{args.image_size} px crops | {args.precision} | channels_last {args.channels_last} | compile {args.compile}")
+
+    regular_sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
+    regular_set = ImageDataset(samples, train_transform(args.image_size, d.crop_scale, d.crop_ratio, d.hflip,
+                                                        d.color_jitter, d.mean, d.std, d.interpolation))
+    regular_loader = make_loader(regular_set, regular_sampler, batch_size=args.batch_size, num_workers=args.workers,
+                                 drop_last=True, pin_memory=device.type == "cuda")
+
+    start = time.perf_counter()
+    images, labels = decode_split(samples, spec["resize_shorter_side"], d.interpolation)
+    print(f"fast path: decoded {len(samples)} images to {tuple(images.shape[1:])} uint8 in {time.perf_counter() - start:.1f} s (once per run)")
+    fast_sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
+    augment = BatchAugment(args.image_size, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio, hflip=d.hflip,
+                           color_jitter=d.color_jitter, mean=d.mean, std=d.std, channels_last=args.channels_last)
+    fast_loader = TensorLoader(images, labels, fast_sampler, batch_size=args.batch_size, drop_last=True,
+                               transform=augment, device=device)
+
+    # The bare loop's batches: real augmented images, made before the clock starts and cycled.
+    fast_sampler.set_epoch(10**6)
+    ready = [(x.clone(), y.to(device)) for x, y in itertools.islice(fast_loader, min(args.batches, 4))]
+
+    # --- one model and one step for every path ----------------------------------------------------------
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = build_model("resnet18", len(classes), small_input_stem=args.small_input_stem).to(device, memory_format=memory_format)
+    o = OptimConfig()  # the trainer's defaults: AdamW, weight decay, label smoothing
+    lr = default_lr("adamw", pretrained=False)
+    optimizer = build_optimizer(model, "adamw", lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
+    net = torch.compile(model) if args.compile else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.precision != "fp32")
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        # As in train.py: both copies are no-ops when the batch is already on the device (bare, fast).
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            loss = criterion(net(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    images_per_s(itertools.cycle(ready), step, warmup=args.warmup, count=0, device=device)
+    print(f"first steps (model warm-up{', compile' if args.compile else ''}): {time.perf_counter() - start:.1f} s")
+
+    # --- interleaved timing -----------------------------------------------------------------------------
+    paths = {
+        "bare": lambda r: itertools.cycle(ready),
+        "regular": lambda r: endless(regular_loader, regular_sampler, first_epoch=r * 1000),
+        "fast": lambda r: endless(fast_loader, fast_sampler, first_epoch=r * 1000),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(args.repeats):
+        names = list(paths)[r % 3 :] + list(paths)[: r % 3]  # rotate the order: no path always runs first
+        for name in names:
+            # A fresh iterator per round: the regular path starts with an empty prefetch queue instead
+            # of one its workers filled while the other paths ran.
+            batches = paths[name](r)
+            rates[name].append(images_per_s(batches, step, warmup=args.warmup, count=args.batches, device=device))
+        print(f"round {r + 1}/{args.repeats}: " + " | ".join(f"{name} {rates[name][-1]:.0f} img/s" for name in paths))
+
+    labels_of = {"bare": "bare loop (tensors on the device)", "regular": f"regular path ({args.workers} workers)",
+                 "fast": "fast path (uint8 cache, batch augment)"}
+    print("\n| path | images/s | ratio to bare |\n|---|---:|---:|")
+    result = {}
+    for name in paths:
+        ratio = statistics.median(rate / bare for rate, bare in zip(rates[name], rates["bare"], strict=True))
+        result[name] = statistics.median(rates[name])
+        print(f"| {labels_of[name]} | {result[name]:.0f} | {ratio:.2f} |")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs, description=__doc__))

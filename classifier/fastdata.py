@@ -1,0 +1,340 @@
+"""The fast data path for small images: decode every image once into a uint8 tensor (in memory, optionally
+cached on disk), then augment whole batches as tensors on the training device. The training loop then
+does no PIL work and needs no worker processes. File listing and class mapping stay in data.py; the
+order of samples and their seeds come from sampling.EpochSampler, so resume and DDP sharding work as there.
+
+What differs from the regular path (PIL decode + torchvision.transforms.v2 per image, in data.py):
+- The cache holds each image with its shorter side resized to `size` and center-cropped to a square;
+  the random training crop is taken inside that square. Strips of non-square images outside it are
+  never seen, and a small crop is upsampled from cached pixels: sources much larger than `size` lose
+  the detail v2 would take from the original (cache at a larger `size` then).
+- Crop boxes have sub-pixel corners (v2: whole pixels) and are resampled by roi_align: bilinear,
+  averaging ceil(box / output) samples per output pixel when shrinking (v2: an antialiased resize in the
+  chosen interpolation, rounded to uint8). Bicubic/nearest apply to decoding only.
+- Colour jitter applies brightness, contrast, saturation in that fixed order (v2 shuffles the order).
+- One generator per batch, seeded by the sampler's seed for the batch's first position: a sample's
+  augmentation depends on its batch (v2 seeds each sample alone). Both are pure functions of (seed,
+  epoch, position), so a resumed epoch sees the same batches, augmented the same.
+- Evaluation is exact: cache the val split with `crop=image_size` (the eval resize and crop) and
+  BatchEval converts and normalizes as data.eval_transform does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from classifier.checkpoint import atomic_write
+from classifier.data import Sample
+from classifier.images import load_image
+from classifier.sampling import EpochSampler
+
+CACHE_FORMAT = "classifier-fastdata/1"
+# Decoding a small PNG takes well under a millisecond: past ~8 processes, starting them costs more than
+# they save.
+DEFAULT_DECODE_WORKERS = min(8, os.cpu_count() or 1)
+
+
+# --- decode once ------------------------------------------------------------------------------------
+
+
+class _ResizedImages(Dataset):
+    """Image i of `paths`, decoded by images.load_image (EXIF, colour modes), resized and center-cropped."""
+
+    def __init__(self, paths: list[str], size: int, crop: int, interpolation: str):
+        self.paths, self.size, self.crop = paths, size, crop
+        self.interpolation = InterpolationMode(interpolation)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        # The same functions and arguments as data.eval_transform's Resize and CenterCrop, so a val cache
+        # built with crop=image_size is bit for bit what eval_transform computes before normalizing.
+        image = F.resize(load_image(self.paths[index]), self.size, interpolation=self.interpolation, antialias=True)
+        return F.center_crop(image, [self.crop, self.crop])
+
+
+def decode_split(
+    samples: Sequence[Sample],
+    size: int,
+    interpolation: str,
+    *,
+    crop: int | None = None,
+    num_workers: int = DEFAULT_DECODE_WORKERS,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every image once: uint8 images (N, 3, crop, crop) and int64 labels (N,), row i = samples[i].
+
+    Each image's shorter side is resized to `size`, then it is center-cropped to a `crop` square (default
+    `size`: the largest square). That square is what the cache keeps; the training crop happens inside it.
+    """
+    crop = crop or size
+    images = torch.empty((len(samples), 3, crop, crop), dtype=torch.uint8)  # filled in place: no 2x peak
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    dataset = _ResizedImages([path for path, _ in samples], size, crop, interpolation)
+    # In order (no sampler): row i is samples[i]. Its own generator: every DataLoader iterator draws a
+    # seed, and drawing it from the global RNG would make model init depend on whether a cache existed.
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, generator=torch.Generator())
+    bar = tqdm(total=len(samples), desc="decoding images", unit="img", disable=not progress or len(samples) < 2000)
+    done = 0
+    for batch in loader:
+        images[done : done + len(batch)] = batch
+        done += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    return images, labels
+
+
+# --- the optional on-disk cache ---------------------------------------------------------------------
+
+
+def cache_identity(samples: Sequence[Sample], size: int, crop: int | None, interpolation: str) -> tuple[str, str]:
+    """(file name, contents key) of a split's cache. The name follows which files, labels and geometry;
+    the key adds each file's byte size and mtime, so a cache whose images were rewritten is stale.
+    Samples are hashed in their given order (not sorted): row i of the cache must be samples[i]."""
+    what = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\t{crop or size}\t{interpolation}\n".encode())
+    for path, label in samples:
+        what.update(f"{path}\t{label}\n".encode())
+    contents = what.copy()
+    for path, _ in samples:
+        stat = os.stat(path)
+        contents.update(f"{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return f"images-{len(samples)}x{crop or size}px-{what.hexdigest()[:16]}.pt", contents.hexdigest()
+
+
+def _cache_problem(cached, key: str, shape: tuple[int, ...]) -> str | None:
+    """Why a loaded cache cannot be used, or None when it can."""
+    if not isinstance(cached, dict) or cached.get("format") != CACHE_FORMAT:
+        return f"not a {CACHE_FORMAT} cache"
+    if cached.get("key") != key:
+        return "stale: image files changed since it was written"
+    images = cached.get("images")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
+        return f"corrupt: expected uint8 images of shape {shape}"
+    return None
+
+
+def load_or_build_cache(
+    samples: Sequence[Sample],
+    size: int,
+    interpolation: str,
+    cache_dir: Path | None,
+    *,
+    crop: int | None = None,
+    num_workers: int = DEFAULT_DECODE_WORKERS,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_split's result, read from `cache_dir` when a current cache of these files is there; else
+    decoded, and saved there for the next run. A stale or unreadable cache is rebuilt, with a warning
+    naming the file. With cache_dir None nothing touches the disk."""
+    if cache_dir is None:
+        return decode_split(samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress)
+    name, key = cache_identity(samples, size, crop, interpolation)
+    path = Path(cache_dir) / name
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    if path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors; no code runs
+            problem = _cache_problem(cached, key, (len(samples), 3, crop or size, crop or size))
+        except Exception as err:  # truncated zip, pickle errors, ...: all mean "rebuild it"
+            problem = f"unreadable ({type(err).__name__}: {err})"
+        if problem is None:
+            return cached["images"], labels
+        warnings.warn(f"rebuilding the image cache {path}: {problem}", stacklevel=2)
+    images, labels = decode_split(samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress)
+    # Atomic: DDP ranks building the same cache at once, or a crash mid-write, never leave half a file.
+    atomic_write(path, lambda tmp: torch.save({"format": CACHE_FORMAT, "key": key, "images": images}, tmp))
+    return images, labels
+
+
+# --- batch augmentation -----------------------------------------------------------------------------
+
+
+def random_resized_boxes(
+    n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator
+) -> torch.Tensor:
+    """(n, 4) crop boxes (x1, y1, x2, y2) in pixels, drawn as v2.RandomResizedCrop draws one: area a
+    uniform fraction of the image in `scale`, log-uniform aspect in `ratio`, the first of 10 attempts
+    that fits, else the largest centered box with the ratio clamped. Vectorized over all n at once."""
+    attempts = 10
+    area = height * width * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
+    aspect = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    w, h = (area * aspect).sqrt(), (area / aspect).sqrt()
+    fits = (w <= width) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # torchvision's fallback when no attempt fits.
+    if width / height < min(ratio):
+        fallback_w, fallback_h = width, width / min(ratio)
+    elif width / height > max(ratio):
+        fallback_w, fallback_h = height * max(ratio), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits.any(dim=1)
+    position = torch.rand(n, 2, generator=generator)  # drawn for every box, so the stream never depends on `found`
+    w = torch.where(found, w, torch.tensor(float(fallback_w)))
+    h = torch.where(found, h, torch.tensor(float(fallback_h)))
+    x1 = torch.where(found, position[:, 0] * (width - w), (width - w) / 2)
+    y1 = torch.where(found, position[:, 1] * (height - h), (height - h) / 2)
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB -> (B, 1, H, W) luma, with the weights torchvision's rgb_to_grayscale uses."""
+    r, g, b = images.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without a sync point: a copy from ordinary (pageable) memory to a GPU waits for the GPU to
+    finish its queue, so every per-batch copy goes through pinned memory, non-blocking."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+class BatchAugment(nn.Module):
+    """uint8 (B, 3, H, W) batch -> augmented, normalized float32 (B, 3, size, size), on the batch's device.
+
+    Random resized crop (roi_align: boxes in pixel coordinates read like RandomResizedCrop's, a full box
+    returns the image exactly, and it averages samples when shrinking; affine_grid + grid_sample would
+    need normalized [-1, 1] coordinates and never averages), horizontal flip, brightness/contrast/
+    saturation jitter, then ToDtype(scale=True) + Normalize. The random numbers are drawn on the CPU from
+    `generator`, so one seed gives the same crops on CPU and GPU; every draw happens whatever the options,
+    so turning flip or jitter off leaves the crops unchanged.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        crop_scale: tuple[float, float],
+        crop_ratio: tuple[float, float],
+        hflip: bool,
+        color_jitter: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        self.size, self.crop_scale, self.crop_ratio = size, crop_scale, crop_ratio
+        self.hflip, self.color_jitter, self.channels_last = hflip, color_jitter, channels_last
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, height, width = images.shape
+        boxes = random_resized_boxes(n, height, width, self.crop_scale, self.crop_ratio, generator)
+        flip = torch.rand(n, generator=generator) < 0.5
+        low = max(0.0, 1 - self.color_jitter)  # v2.ColorJitter's factor range
+        factors = torch.empty(n, 3).uniform_(low, 1 + self.color_jitter, generator=generator)
+        # One small host-to-device copy per batch: roi_align's (batch index, box) rows, flip, jitter.
+        params = torch.cat([torch.arange(n).unsqueeze(1).float(), boxes, flip.unsqueeze(1).float(), factors], dim=1)
+        params = to_device(params, images.device)
+        rois, flip, factors = params[:, :5], params[:, 5].bool(), params[:, 6:].view(n, 3, 1, 1, 1)
+
+        # sampling_ratio=-1: ceil(box side / output side) bilinear samples per output pixel, averaged;
+        # aligned=True: pixel i covers [i, i + 1), so the full box reproduces the image exactly.
+        x = roi_align(images.float(), rois, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        if self.hflip:
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        x = x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)'s scaling
+        if self.color_jitter > 0:
+            brightness, contrast, saturation = factors.unbind(dim=1)
+            x = (x * brightness).clamp_(0, 1)
+            x = (contrast * x + (1 - contrast) * grayscale(x).mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
+            x = (saturation * x + (1 - saturation) * grayscale(x)).clamp_(0, 1)
+        x = (x - self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class BatchEval(nn.Module):
+    """uint8 (B, 3, H, W) batch -> normalized float32 (B, 3, size, size): data.eval_transform, batched.
+
+    Give it a cache built with crop=size (decode_split does the eval resize and center crop) and the
+    result equals eval_transform's. A larger square is center-cropped first, as v2.CenterCrop would.
+    Takes (and ignores) a generator so that TensorLoader calls both transforms alike."""
+
+    def __init__(self, size: int, *, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+        super().__init__()
+        self.size, self.channels_last = size, channels_last
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = F.center_crop(images, [self.size, self.size])
+        x = F.to_dtype(x, torch.float32, scale=True)
+        x = (x - self.mean).div_(self.std)  # v2.Normalize's arithmetic, with mean/std already on the device
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+# --- the loader -------------------------------------------------------------------------------------
+
+
+def cache_device(nbytes: int, device: torch.device) -> torch.device:
+    """Where the decoded images live: on the GPU when they take under a quarter of its free memory
+    (indexing a batch is then free), else in CPU memory, batches copied over one at a time."""
+    if device.type == "cuda" and nbytes < torch.cuda.mem_get_info(device)[0] / 4:
+        return device
+    return torch.device("cpu")
+
+
+class TensorLoader:
+    """One epoch of (images, labels) batches from decoded uint8 images, like a DataLoader over the same
+    EpochSampler: the same keys in the same order, so batch b holds the same samples on either path.
+
+    Images come out transformed, float and on `device`; labels stay on the CPU (pinned under CUDA), as a
+    DataLoader's do, so the loop's `.to(device, non_blocking=True)` and per-class counting work unchanged.
+    `len()` and iteration follow `sampler.set_epoch(epoch, start)`, which is how resume skips batches.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sampler: EpochSampler,
+        *,
+        batch_size: int,
+        drop_last: bool,
+        transform: BatchAugment | BatchEval,
+        device: torch.device,
+    ):
+        if len(images) != len(labels) or len(images) != sampler.num_samples:
+            raise ValueError(f"{len(images)} images, {len(labels)} labels and a sampler over {sampler.num_samples} disagree")
+        self.images = images.to(cache_device(images.nbytes, device))
+        self.labels, self.sampler = labels, sampler
+        self.batch_size, self.drop_last, self.device = batch_size, drop_last, device
+        self.transform = transform.to(device)
+
+    def __len__(self) -> int:
+        keys = len(self.sampler)
+        return keys // self.batch_size if self.drop_last else math.ceil(keys / self.batch_size)
+
+    def __iter__(self):
+        # This rank's keys from `start` on: (index, seed) rows when training, bare indices when evaluating.
+        keys = torch.tensor(list(self.sampler), dtype=torch.long)
+        keys = keys.unsqueeze(1) if keys.ndim == 1 else keys
+        indices = keys[:, 0].to(self.images.device)  # one copy per epoch, not one per batch
+        for b in range(len(self)):
+            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            generator = None
+            if keys.shape[1] == 2:  # the batch's randomness: a pure function of (seed, epoch, position)
+                generator = torch.Generator().manual_seed(int(keys[rows.start, 1]))
+            images = to_device(self.images[indices[rows]], self.device)
+            labels = self.labels[keys[rows, 0]]
+            if self.device.type == "cuda":
+                labels = labels.pin_memory()  # lets the loop's non_blocking copy skip the sync
+            yield self.transform(images, generator), labels
