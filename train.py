@@ -227,7 +227,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     # --- what the run directory holds before the first step ------------------------------------------
     ema_decay = decay_per_step(cfg.ema_half_life_epochs, steps_per_epoch) if ema is not None else None
     derived = dict(world_size=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                   warmup_steps=warmup_steps, peak_lr=peak_lr, ema_decay_per_step=ema_decay)
+                   warmup_steps=warmup_steps, peak_lr=peak_lr, ema_decay_per_step=ema_decay,
+                   loss_class_weights=loss_weights.tolist() if loss_weights is not None else None)
     if dist_info.is_main:
         save_json(cfg, run_dir / "config.json", derived=derived, dataset=dataset, **environment())
         mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)

@@ -133,3 +133,42 @@ def test_empty_split_is_named(tmp_path, repo_root):
     (tmp_path / "data" / "train" / "a").mkdir(parents=True)
     proc = run_script(["train.py", "--data.root", tmp_path / "data", "--out-dir", tmp_path, *FAST], cwd=repo_root)
     assert proc.returncode != 0 and "no image files under" in proc.stderr
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_run_on_cpu(precision, fmnist_small_root, tmp_path):
+    """bf16 autocast without a scaler; fp16 autocast with an enabled GradScaler, whose state is saved."""
+    result = train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", precision,
+                                   "--precision", precision, "--epochs", "1", "--data.batch-size", "16",
+                                   "--data.num-workers", "0", *FAST]))
+    saved = load_checkpoint(tmp_path / precision)
+    assert result["step"] == 6 and saved["config"]["precision"] == precision
+    assert bool(saved["scaler"]) == (precision == "fp16")  # a disabled scaler saves {}
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_compile_and_channels_last_save_the_plain_module(fmnist_small_root, tmp_path):
+    train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", "c",
+                          "--compile", "--channels-last", "--epochs", "1", "--data.max-train-batches", "2",
+                          "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
+    saved = load_checkpoint(tmp_path / "c")
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in saved["model"])  # loadable into a plain model
+    with safe_open(tmp_path / "c" / "best.safetensors", "pt") as f:
+        assert "conv1.weight" in f.keys()
+
+
+def test_class_weighted_loss_uses_train_counts(tmp_path, fmnist_small_root):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_small_root, data)
+    for extra in sorted((data / "train" / "Bag").iterdir())[4:]:  # Bag: 4 training images, the others 12
+        extra.unlink()
+    train.main(parse_cli(["--data.root", str(data), "--out-dir", str(tmp_path), "--name", "w", "--data.class-weighted-loss",
+                          "--data.val-fraction", "0.25", "--epochs", "1", "--data.max-train-batches", "1",
+                          "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    counts = torch.tensor(config["dataset"]["counts"]["train"], dtype=torch.float64)
+    assert counts[1] == 3 and counts[0] == 9  # Bag is index 1; a quarter of each class went to val
+    expected = counts.sum() / (len(counts) * counts)
+    assert torch.allclose(torch.tensor(config["derived"]["loss_class_weights"], dtype=torch.float64), expected, atol=1e-6)
