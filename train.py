@@ -50,7 +50,7 @@ from classifier.data import (
 )
 from classifier.debugging import overfit_one_batch
 from classifier.ema import build_ema, decay_per_step
-from classifier.fastdata import BatchAugment, BatchEval, TensorLoader, load_or_build_cache
+from classifier.fastdata import make_tensor_loaders
 from classifier.faults import NonFiniteWatch, StopRequest
 from classifier.images import scan_images, write_report
 from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
@@ -145,21 +145,10 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world_size=world)
     workers = 0 if cfg.debug else d.num_workers  # main-process loading: breakpoints in data code work
     loader_args = dict(batch_size=d.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    if d.fast_path:
-        # Decode once (or read the cache): train as squares of the eval resize, val with the eval crop
-        # already applied. Batches are then sliced and augmented as tensors on the device.
-        side, show = preprocessing["resize_shorter_side"], cfg.progress and dist_info.is_main
-        if d.cache_dir is not None and not dist_info.is_main:
-            distributed.barrier()  # rank 0 decodes and writes the cache; the others then read it
-        train_images, train_labels = load_or_build_cache(splits.train, side, d.interpolation, d.cache_dir, num_workers=workers, progress=show)
-        val_images, val_labels = load_or_build_cache(splits.val, side, d.interpolation, d.cache_dir, crop=d.image_size, num_workers=workers, progress=show)
-        if d.cache_dir is not None and dist_info.is_main:
-            distributed.barrier()
-        batch_augment = BatchAugment(d.image_size, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio, hflip=d.hflip,
-                                     color_jitter=d.color_jitter, mean=d.mean, std=d.std, channels_last=cfg.channels_last)
-        batch_eval = BatchEval(d.image_size, mean=d.mean, std=d.std, channels_last=cfg.channels_last)
-        train_loader = TensorLoader(train_images, train_labels, train_sampler, batch_size=d.batch_size, drop_last=True, transform=batch_augment, device=device)
-        val_loader = TensorLoader(val_images, val_labels, val_sampler, batch_size=d.batch_size, drop_last=False, transform=batch_eval, device=device)
+    if d.fast_path:  # decoded once into tensors, augmented a batch at a time on the device
+        train_loader, val_loader = make_tensor_loaders(splits, train_sampler, val_sampler, d, preprocessing, device=device,
+                                                       channels_last=cfg.channels_last, workers=workers,
+                                                       progress=cfg.progress and dist_info.is_main)
     else:
         train_loader = make_loader(train_set, train_sampler, drop_last=True, **loader_args)
         val_loader = make_loader(val_set, val_sampler, drop_last=False, **loader_args)

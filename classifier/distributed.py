@@ -56,6 +56,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def is_main() -> bool:
+    """Rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def enabled() -> bool:
     return dist.is_available() and dist.is_initialized()
 

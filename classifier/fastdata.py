@@ -36,8 +36,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from classifier import distributed
 from classifier.checkpoint import atomic_write
-from classifier.data import Sample
+from classifier.config import DataConfig
+from classifier.data import Sample, Splits
 from classifier.images import load_image
 from classifier.sampling import EpochSampler
 
@@ -338,3 +340,37 @@ class TensorLoader:
             if self.device.type == "cuda":
                 labels = labels.pin_memory()  # lets the loop's non_blocking copy skip the sync
             yield self.transform(images, generator), labels
+
+
+def make_tensor_loaders(
+    splits: Splits,
+    train_sampler: EpochSampler,
+    val_sampler: EpochSampler,
+    data: DataConfig,
+    preprocessing: dict,
+    *,
+    device: torch.device,
+    channels_last: bool,
+    workers: int,
+    progress: bool,
+) -> tuple[TensorLoader, TensorLoader]:
+    """The fast path's train and val loaders. Train images are cached as squares of the eval resize (the
+    random crop happens inside them); val images with the eval crop already applied, so evaluation is
+    exact. With a cache_dir under DDP, rank 0 decodes and writes the cache while the others wait for it."""
+    side = preprocessing["resize_shorter_side"]
+    if data.cache_dir is not None and not distributed.is_main():
+        distributed.barrier()
+    train_images, train_labels = load_or_build_cache(splits.train, side, data.interpolation, data.cache_dir,
+                                                     num_workers=workers, progress=progress)
+    val_images, val_labels = load_or_build_cache(splits.val, side, data.interpolation, data.cache_dir,
+                                                 crop=data.image_size, num_workers=workers, progress=progress)
+    if data.cache_dir is not None and distributed.is_main():
+        distributed.barrier()
+    augment = BatchAugment(data.image_size, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
+                           color_jitter=data.color_jitter, mean=data.mean, std=data.std, channels_last=channels_last)
+    evaluate = BatchEval(data.image_size, mean=data.mean, std=data.std, channels_last=channels_last)
+    train_loader = TensorLoader(train_images, train_labels, train_sampler, batch_size=data.batch_size, drop_last=True,
+                                transform=augment, device=device)
+    val_loader = TensorLoader(val_images, val_labels, val_sampler, batch_size=data.batch_size, drop_last=False,
+                              transform=evaluate, device=device)
+    return train_loader, val_loader

@@ -172,3 +172,15 @@ def test_class_weighted_loss_uses_train_counts(tmp_path, fmnist_small_root):
     assert counts[1] == 3 and counts[0] == 9  # Bag is index 1; a quarter of each class went to val
     expected = counts.sum() / (len(counts) * counts)
     assert torch.allclose(torch.tensor(config["derived"]["loss_class_weights"], dtype=torch.float64), expected, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_amp_paths(precision, fmnist_small_root, tmp_path):
+    """On a GPU: autocast fp16 with a working GradScaler (state saved) or bf16, channels_last, fast path."""
+    result = train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", precision,
+                                   "--device", "cuda", "--precision", precision, "--channels-last", "--data.fast-path",
+                                   "--epochs", "2", "--data.batch-size", "16", *FAST]))
+    saved = load_checkpoint(tmp_path / precision)
+    assert result["step"] == 12 and bool(saved["scaler"]) == (precision == "fp16")
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
