@@ -83,7 +83,7 @@ def check_writable(run_dir: Path) -> None:
         ckpt.write_text(run_dir / ".write-test", "ok")
         (run_dir / ".write-test").unlink()
     except OSError as err:
-        raise SystemExit(f"error: cannot write to the run directory {run_dir} (--out-dir {err.filename or ''}): {err.strerror or err}") from err
+        raise SystemExit(f"error: cannot write to the run directory {run_dir} (check --out-dir): {err.strerror or err}") from err
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -262,8 +262,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         train_sampler.set_epoch(epoch, start=batches_done * d.batch_size)
         net.train()
         drawn = torch.zeros(num_classes, dtype=torch.long)  # what the sampler actually delivered
-        if resumed is not None and epoch == start_epoch:
-            drawn = resumed["drawn"]
+        if resumed is not None and epoch == start_epoch and batches_done > 0 and dist_info.is_main:
+            drawn = resumed["drawn"].clone()  # all ranks' counts so far in this epoch, summed: rank 0 holds them
         bar = tqdm(total=batches_per_epoch, initial=batches_done, desc=f"epoch {epoch}", disable=not (cfg.progress and dist_info.is_main), leave=False)
         tick, images_since_tick = time.perf_counter(), 0
         for images, labels in itertools.islice(train_loader, batches_per_epoch - batches_done):
@@ -321,8 +321,9 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             stopping = stop.requested(device)  # a signal: save where we are and leave
             if stopping or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 stop_if_nonfinite()
+                drawn_so_far = distributed.all_reduce_sum(drawn.clone())
                 if dist_info.is_main:
-                    ckpt.save_checkpoint(state(epoch, batches_done, val, drawn), run_dir / "checkpoints" / "last.pt")
+                    ckpt.save_checkpoint(state(epoch, batches_done, val, drawn_so_far), run_dir / "checkpoints" / "last.pt")
             if stopping:
                 log.print(f"stopped at step {step} (epoch {epoch}); continue with: python train.py --resume {run_dir}")
                 raise SystemExit(stop.exit_code)
