@@ -16,7 +16,6 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,10 +26,7 @@ from classifier import checkpoint as ckpt
 from classifier import distributed, plots
 from classifier.config import (
     TrainConfig,
-    config_differences,
-    from_dict,
     parse_cli,
-    run_dir_for,
     save_json,
     to_dict,
 )
@@ -40,50 +36,22 @@ from classifier.data import (
     build_splits,
     class_counts,
     class_table,
+    drop_unreadable,
     eval_transform,
     fingerprint,
     inverse_frequency_weights,
     make_loader,
     preprocessing_spec,
     train_transform,
-    without,
 )
 from classifier.debugging import overfit_one_batch
 from classifier.ema import build_ema, decay_per_step
 from classifier.fastdata import make_tensor_loaders
 from classifier.faults import NonFiniteWatch, StopRequest
-from classifier.images import scan_images, write_report
 from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
 from classifier.models import build_model, check_input_size
 from classifier.optim import build_optimizer, default_lr, lr_at
-from classifier.runlog import NullLog, RunLog, environment
-
-
-def run_directory(cfg: TrainConfig, resumed: dict | None) -> Path:
-    """Where this run lives. A resume continues in the run's own folder (no timestamped folders
-    scattering one run), with the saved config unless --accept-config-changes; a new run never
-    writes into an old one."""
-    if cfg.resume is not None:
-        diffs = config_differences(from_dict(resumed["config"]), cfg)
-        if diffs and not cfg.accept_config_changes:
-            raise SystemExit(f"error: flags given with --resume {cfg.resume} change the run's saved config:\n  "
-                             + "\n  ".join(diffs) + "\npass --accept-config-changes if these changes are intended")
-        return ckpt.find_checkpoint(cfg.resume).parent.parent  # RUN/checkpoints/last.pt -> RUN
-    run_dir = run_dir_for(cfg)
-    if ckpt.has_checkpoint(run_dir):
-        raise SystemExit(f"error: {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                         "or give this run another --name")
-    return run_dir
-
-
-def check_writable(run_dir: Path) -> None:
-    """Fail now, not after the first epoch, when the run directory cannot be written."""
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        ckpt.write_text(run_dir / ".write-test", "ok")
-        (run_dir / ".write-test").unlink()
-    except OSError as err:
-        raise SystemExit(f"error: cannot write to the run directory {run_dir} (check --out-dir): {err.strerror or err}") from err
+from classifier.runlog import NullLog, RunLog, check_writable, environment, run_directory
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -116,18 +84,9 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     classes, num_classes = splits.classes, len(splits.classes)
     if not distributed.all_equal(classes):
         raise SystemExit(f"error: the ranks read different class folders from {d.root}; is it the same data on every node?")
-    if d.scan_images:  # every rank decodes its share of the files; together they check them all
-        paths = sorted({p for p, _ in splits.train + splits.val + splits.test})
-        bad = distributed.merge_dicts(scan_images(paths[dist_info.rank :: dist_info.world_size], workers=max(1, d.num_workers)))
-        if bad and not d.skip_bad_images:
-            listing = "\n  ".join(f"{p}: {reason}" for p, reason in sorted(bad.items())[:20])
-            raise SystemExit(f"error: {len(bad)} unreadable image files under {d.root}:\n  {listing}\n"
-                             "fix or remove them, or pass --data.skip-bad-images to leave them out")
-        if bad:
-            splits = without(splits, set(bad))
-            if dist_info.is_main:
-                write_report(bad, run_dir / "bad_images.txt")
-            log.print(f"left out {len(bad)} unreadable images, listed in {run_dir / 'bad_images.txt'}")
+    if d.scan_images:  # decode every file once now, rather than crash in a worker in epoch 3
+        splits = drop_unreadable(splits, d.root, skip=d.skip_bad_images, workers=max(1, d.num_workers),
+                                 report=run_dir / "bad_images.txt" if dist_info.is_main else None, log=log.print)
     counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
     dataset = fingerprint(splits)
     if resumed is not None and resumed["dataset"] != dataset:

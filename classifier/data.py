@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from classifier import distributed
 from classifier.faults import ignore_signals_in_worker
-from classifier.images import IMAGE_EXTENSIONS, load_image
+from classifier.images import IMAGE_EXTENSIONS, load_image, scan_images, write_report
 from classifier.sampling import EpochSampler
 
 Sample = tuple[str, int]  # (file path, class index)
@@ -122,6 +124,23 @@ def without(splits: Splits, bad: set[str]) -> Splits:
     """The same splits with the files in `bad` left out."""
     keep = lambda samples: [s for s in samples if s[0] not in bad]  # noqa: E731
     return Splits(splits.classes, keep(splits.train), keep(splits.val), keep(splits.test))
+
+
+def drop_unreadable(splits: Splits, root: Path, *, skip: bool, workers: int, report: Path | None, log) -> Splits:
+    """Decode every file of every split once (under DDP each rank its share, then merged). Unreadable
+    files stop the run with their names, or with `skip` are left out and listed in `report`."""
+    paths = sorted({p for p, _ in splits.train + splits.val + splits.test})
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    bad = distributed.merge_dicts(scan_images(paths[rank::world], workers=workers))
+    if bad and not skip:
+        listing = "\n  ".join(f"{p}: {reason}" for p, reason in sorted(bad.items())[:20])
+        raise SystemExit(f"error: {len(bad)} unreadable image files under {root}:\n  {listing}\n"
+                         "fix or remove them, or pass --data.skip-bad-images to leave them out")
+    if bad:
+        if report is not None:
+            write_report(bad, report)
+        log(f"left out {len(bad)} unreadable images, listed in {report}")
+    return without(splits, set(bad))
 
 
 def describe_class_mismatch(expected: list[str], found: list[str], where: Path) -> str:

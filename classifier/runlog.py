@@ -1,4 +1,5 @@
-"""What a run records: TensorBoard scalars and images, metrics.jsonl (one line per epoch), config.json.
+"""The run directory and what a run records in it: TensorBoard scalars and images, metrics.jsonl (one
+line per epoch), config.json.
 
 Only rank 0 writes. Other ranks get a NullLog whose methods do nothing, so the loop never branches on
 "am I the logging rank" (the no-op logger idea from nanochat).
@@ -13,6 +14,36 @@ from importlib import metadata
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+
+from classifier import checkpoint
+from classifier.config import TrainConfig, config_differences, from_dict, run_dir_for
+
+
+def run_directory(cfg: TrainConfig, resumed: dict | None) -> Path:
+    """Where this run lives. A resume continues in the run's own folder (no timestamped folders
+    scattering one run), with the saved config unless --accept-config-changes; a new run never
+    writes into an old one."""
+    if cfg.resume is not None:
+        diffs = config_differences(from_dict(resumed["config"]), cfg)
+        if diffs and not cfg.accept_config_changes:
+            raise SystemExit(f"error: flags given with --resume {cfg.resume} change the run's saved config:\n  "
+                             + "\n  ".join(diffs) + "\npass --accept-config-changes if these changes are intended")
+        return checkpoint.find_checkpoint(cfg.resume).parent.parent  # RUN/checkpoints/last.pt -> RUN
+    run_dir = run_dir_for(cfg)
+    if checkpoint.has_checkpoint(run_dir):
+        raise SystemExit(f"error: {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                         "or give this run another --name")
+    return run_dir
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail now, not after the first epoch, when the run directory cannot be written."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text(run_dir / ".write-test", "ok")
+        (run_dir / ".write-test").unlink()
+    except OSError as err:
+        raise SystemExit(f"error: cannot write to the run directory {run_dir} (check --out-dir): {err.strerror or err}") from err
 
 
 class RunLog:
