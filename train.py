@@ -10,6 +10,7 @@ Order of events: set-up -> data -> model/optimizer -> resume -> epochs (steps, v
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -50,7 +51,7 @@ from classifier.fastdata import make_tensor_loaders
 from classifier.faults import NonFiniteWatch, StopRequest
 from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
 from classifier.models import build_model, check_input_size
-from classifier.optim import build_optimizer, default_lr, lr_at
+from classifier.optim import build_optimizer, default_lr, lr_at, milestones_in_steps
 from classifier.runlog import NullLog, RunLog, check_writable, environment, run_directory
 
 
@@ -125,6 +126,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    milestones = milestones_in_steps(cfg.optim.schedule, cfg.optim.step_size_epochs, cfg.optim.milestones_epochs,
+                                     steps_per_epoch, total_steps)
     global_batch = d.batch_size * world * accum
 
     # --- model, loss, optimizer, precision -----------------------------------------------------------
@@ -147,7 +150,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     val_metrics = build_val_metrics(num_classes).to(device)
 
     # --- resume: every piece of state that decides what happens next --------------------------------
-    step, start_epoch, batches_done, best = 0, 0, 0, {"metric": "top1", "value": float("-inf"), "epoch": -1}
+    step, start_epoch, batches_done = 0, 0, 0
+    best = {"metric": cfg.select_metric, "value": float("-inf"), "epoch": -1, "kept": []}  # kept: [[value, epoch], ...]
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         if ema is not None:
@@ -216,7 +220,9 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
 
     # --- the epochs ----------------------------------------------------------------------------------
     val = resumed.get("val_metrics") if resumed else None
-    lr = lr_at(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=o.min_lr_ratio)
+    schedule = functools.partial(lr_at, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps,
+                                 min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, milestones=milestones, gamma=o.gamma)
+    lr = schedule(step)
     for epoch in range(start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch, start=batches_done * d.batch_size)
         net.train()
@@ -254,7 +260,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                 continue
 
             # One optimizer step: LR from the step, unscale, clip, step, EMA.
-            lr = lr_at(step, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=o.min_lr_ratio)
+            lr = schedule(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -302,11 +308,14 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             distributed.broadcast_buffers(ema)
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, val_loader, val_metrics, device=device, autocast=autocast, channels_last=cfg.channels_last)
-        improved = val["top1"] > best["value"]
+        improved = val[cfg.select_metric] > best["value"]
         if improved:
-            best = {"metric": "top1", "value": val["top1"], "epoch": epoch}
+            best = {**best, "value": val[cfg.select_metric], "epoch": epoch}
+        # The best k epochs by the metric, best first (ties: the earlier epoch); the rest lose their file.
+        ranked = sorted([*best["kept"], [val[cfg.select_metric], epoch]], key=lambda ve: (-ve[0], ve[1]))
+        best["kept"], dropped = (ranked[: cfg.keep_best], ranked[cfg.keep_best :]) if cfg.keep_best > 1 else ([], [])
         log.print(f"epoch {epoch} | train loss {train['loss']:.4f} top1 {train['top1']:.4f} | val loss {val['loss']:.4f} "
-                  f"top1 {val['top1']:.4f} macro-F1 {val['macro_f1']:.4f} | best {best['value']:.4f} (epoch {best['epoch']})")
+                  f"top1 {val['top1']:.4f} macro-F1 {val['macro_f1']:.4f} | best {cfg.select_metric} {best['value']:.4f} (epoch {best['epoch']})")
         record = {"epoch": epoch, "step": step, "lr": lr, "train": train, "val": val, "drawn_per_class": drawn.tolist()}
         log.epoch(record)
         log.scalars(step, {k: v for k, v in train.items()}, prefix="train_epoch/")
@@ -314,6 +323,10 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         if dist_info.is_main:
             last_path = run_dir / "checkpoints" / "last.pt"
             ckpt.save_checkpoint(state(epoch + 1, 0, val, drawn), last_path)
+            if any(e == epoch for _, e in best["kept"]):
+                ckpt.atomic_copy(last_path, run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt")
+            for _, e in dropped:
+                (run_dir / "checkpoints" / f"epoch-{e:03d}.pt").unlink(missing_ok=True)
             if improved:
                 ckpt.atomic_copy(last_path, run_dir / "checkpoints" / "best.pt")  # no second serialization
                 weights = ema.module.state_dict() if ema is not None else model.state_dict()
@@ -330,8 +343,11 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         if stop.requested(device):
             log.print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run_dir}")
             raise SystemExit(stop.exit_code)
+        if cfg.early_stop_patience is not None and epoch - best["epoch"] >= cfg.early_stop_patience:
+            log.print(f"early stop: no better val {cfg.select_metric} in {cfg.early_stop_patience} epochs")
+            break
 
-    log.print(f"done: {run_dir} | best val top1 {best['value']:.4f} at epoch {best['epoch']}")
+    log.print(f"done: {run_dir} | best val {cfg.select_metric} {best['value']:.4f} at epoch {best['epoch']}")
     log.close()
     return {"run_dir": str(run_dir), "best": best, "val": val, "step": step, "model": model, "ema": ema}
 

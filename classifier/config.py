@@ -95,8 +95,17 @@ class OptimConfig:
     """AdamW betas."""
     warmup_epochs: float = 1.0
     """Linear warmup from ~0 to the peak LR over this many epochs (fractions allowed)."""
+    schedule: Literal["cosine", "step", "multistep"] = "cosine"
+    """After warmup: cosine decay, or the LR times gamma every step_size_epochs ('step') or at each of
+    milestones_epochs ('multistep')."""
     min_lr_ratio: float = 0.01
     """The cosine decays to lr * min_lr_ratio at the last step."""
+    step_size_epochs: float = 30.0
+    """'step' schedule: epochs between LR drops."""
+    milestones_epochs: tuple[float, ...] = (30.0, 60.0, 80.0)
+    """'multistep' schedule: the epochs at which the LR drops."""
+    gamma: float = 0.1
+    """'step'/'multistep': the factor of each LR drop."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
     grad_accum_steps: int = 1
@@ -127,6 +136,13 @@ class TrainConfig:
     """Under DDP on GPUs: BatchNorm statistics over the global batch instead of each GPU's share."""
     ema_half_life_epochs: float | None = 0.5
     """EMA half-life in epochs, turned into a per-step decay; None disables EMA."""
+    select_metric: Literal["top1", "macro_f1", "balanced_accuracy"] = "top1"
+    """Validation metric that picks the best checkpoint (and drives early stopping). macro_f1 or
+    balanced_accuracy weigh rare classes like common ones."""
+    early_stop_patience: int | None = None
+    """Stop after this many epochs without a better select_metric; None trains all epochs."""
+    keep_best: int = 1
+    """Besides best.pt and last.pt, keep checkpoints/epoch-NNN.pt of the best k epochs (k > 1), pruning the rest."""
     seed: int = 0
     """Seeds model init, data order and augmentation; the same seed reproduces a run on CPU bit for bit."""
     name: str | None = None
@@ -246,7 +262,7 @@ def parse_cli(argv: list[str] | None = None, description: str | None = None) -> 
 
 
 # Fields a resumed run may change without --accept-config-changes: they do not change the results.
-HARMLESS_ON_RESUME = {"resume", "accept_config_changes", "progress", "log_every_steps", "checkpoint_every_steps", "data.num_workers",
+HARMLESS_ON_RESUME = {"resume", "accept_config_changes", "early_stop_patience", "keep_best", "progress", "log_every_steps", "checkpoint_every_steps", "data.num_workers",
                       "data.cache_dir"}
 
 

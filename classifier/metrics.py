@@ -26,7 +26,7 @@ from classifier.distributed import all_reduce_sum
 def build_val_metrics(num_classes: int) -> MetricCollection:
     metrics = {
         "top1": MulticlassAccuracy(num_classes, average="micro"),
-        "per_class_acc": MulticlassAccuracy(num_classes, average=None),
+        "per_class_acc": MulticlassAccuracy(num_classes, average=None),  # = per-class recall
         "macro_f1": MulticlassF1Score(num_classes, average="macro"),
         # per class: torchmetrics' macro average scores a class with no val images as 0 and averages it in
         "auroc_per_class": MulticlassAUROC(num_classes, average=None),
@@ -86,6 +86,7 @@ def evaluate(
     metrics.reset()
     present = computed["confusion"].sum(dim=1) > 0
     computed["macro_auroc"] = computed.pop("auroc_per_class")[present].mean()  # over classes with val images
+    computed["balanced_accuracy"] = computed["per_class_acc"][present].mean()  # mean recall, as scikit-learn
     result = to_plain(computed)
     result["loss"] = (loss_sum / count.clamp(min=1)).item()
     return result

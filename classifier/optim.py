@@ -2,6 +2,7 @@
 
 Weight decay skips norm layers and biases (decaying a BatchNorm scale only fights the normalization).
 The LR is a pure function of the optimizer step, like nanoGPT's get_lr: nothing to save but the step.
+Warmup + cosine by default; step and multi-step decay as in torchvision's reference recipes.
 """
 
 from __future__ import annotations
@@ -48,10 +49,35 @@ def build_optimizer(
     raise ValueError(f"unknown --optim.optimizer {name!r}")
 
 
-def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup from peak/warmup_steps to peak, then cosine down to peak * min_lr_ratio at the end."""
+def milestones_in_steps(
+    schedule: str, step_size_epochs: float, milestones_epochs: tuple[float, ...], steps_per_epoch: int, total_steps: int
+) -> tuple[int, ...]:
+    """The optimizer steps at which a 'step' or 'multistep' schedule multiplies the LR by gamma."""
+    if schedule == "step":
+        every = max(1, round(step_size_epochs * steps_per_epoch))
+        return tuple(range(every, total_steps + 1, every))
+    if schedule == "multistep":
+        return tuple(sorted(round(m * steps_per_epoch) for m in milestones_epochs))
+    return ()
+
+
+def lr_at(
+    step: int,
+    *,
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    schedule: str = "cosine",
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> float:
+    """Linear warmup from peak/warmup_steps to peak, then either a cosine down to peak * min_lr_ratio at
+    the end, or ('step', 'multistep') the peak multiplied by gamma at every milestone step passed."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
+    if schedule in ("step", "multistep"):
+        return peak_lr * gamma ** sum(step >= m for m in milestones)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
