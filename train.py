@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         raise SystemExit(f"error: the ranks read different class folders from {d.root}; is it the same data on every node?")
     if d.scan_images:  # decode every file once now, rather than crash in a worker in epoch 3
         splits = drop_unreadable(splits, d.root, skip=d.skip_bad_images, workers=max(1, d.num_workers),
-                                 report=run_dir / "bad_images.txt" if dist_info.is_main else None, log=log.print)
+                                 rank=dist_info.rank, world_size=dist_info.world_size, report=run_dir / "bad_images.txt" if dist_info.is_main else None, log=log.print)
     counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
     dataset = fingerprint(splits)
     if resumed is not None and resumed["dataset"] != dataset:

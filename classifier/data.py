@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -126,12 +125,12 @@ def without(splits: Splits, bad: set[str]) -> Splits:
     return Splits(splits.classes, keep(splits.train), keep(splits.val), keep(splits.test))
 
 
-def drop_unreadable(splits: Splits, root: Path, *, skip: bool, workers: int, report: Path | None, log) -> Splits:
+def drop_unreadable(splits: Splits, root: Path, *, skip: bool, workers: int, rank: int, world_size: int,
+                    report: Path | None, log) -> Splits:
     """Decode every file of every split once (under DDP each rank its share, then merged). Unreadable
     files stop the run with their names, or with `skip` are left out and listed in `report`."""
     paths = sorted({p for p, _ in splits.train + splits.val + splits.test})
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    bad = distributed.merge_dicts(scan_images(paths[rank::world], workers=workers))
+    bad = distributed.merge_dicts(scan_images(paths[rank::world_size], workers=workers))
     if bad and not skip:
         listing = "\n  ".join(f"{p}: {reason}" for p, reason in sorted(bad.items())[:20])
         raise SystemExit(f"error: {len(bad)} unreadable image files under {root}:\n  {listing}\n"

@@ -53,16 +53,17 @@ class NonFiniteWatch:
     so no NaN weights are ever saved and the run stops within log_every_steps steps of the fault."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.first_bad = torch.full((2,), -1, dtype=torch.long, device=device)
+        self.epoch = torch.full((), -1, dtype=torch.long, device=device)
+        self.batch = torch.full((), -1, dtype=torch.long, device=device)
 
     def update(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        fresh = ~torch.isfinite(loss.detach()) & (self.first_bad[0] < 0)
-        here = torch.tensor([epoch, batch], device=self.device)
-        self.first_bad = torch.where(fresh, here, self.first_bad)
+        fresh = ~torch.isfinite(loss.detach()) & (self.epoch < 0)
+        # Python ints enter torch.where as scalars: no host-to-device copy in the step.
+        self.epoch = torch.where(fresh, epoch, self.epoch)
+        self.batch = torch.where(fresh, batch, self.batch)
 
     def first(self) -> tuple[int, int] | None:
-        epoch, batch = distributed.all_reduce_max(self.first_bad.clone()).tolist()
+        epoch, batch = distributed.all_reduce_max(torch.stack([self.epoch, self.batch])).tolist()
         return None if epoch < 0 else (epoch, batch)
 
 

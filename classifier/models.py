@@ -100,14 +100,3 @@ def read_pretrained(name: str, pretrained: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"pretrained weights {path} do not hold a state dict")
     return state
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (`.module`) and torch.compile (`._orig_mod`): what checkpoints hold."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

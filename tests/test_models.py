@@ -7,7 +7,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from classifier.models import build_model, unwrap
+from classifier.models import build_model
 
 
 @pytest.mark.parametrize(
@@ -75,8 +75,3 @@ def test_bad_weights_files_are_named(tmp_path):
     torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), wrong)
     with pytest.raises(ValueError, match="does not fit resnet18"):
         build_model("resnet18", 3, pretrained=str(wrong))
-
-
-def test_unwrap_removes_compile_wrapper():
-    model = torch.nn.Linear(2, 2)
-    assert unwrap(torch.compile(model)) is model
