@@ -6,7 +6,8 @@
 The split is rebuilt with data.build_splits and the run's seed and val fraction, so `val` is exactly the
 images the run validated on; data whose classes disagree with the model's mapping is refused. Writes
 metrics.json, confusion matrices (PNG and CSV), per_class.csv (worst first), confused_pairs.csv,
-predictions.csv and errors.png (the most confidently wrong images).
+predictions.csv, errors.png (the most confidently wrong images) and reliability.png (calibration before and
+after the temperature the model carries: softmax(logits / T), fitted by train.py on the val split).
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ import tyro
 
 from classifier import checkpoint as ckpt
 from classifier import plots
+from classifier.calibration import NO_TEMPERATURE
 from classifier.data import ImageDataset, build_splits, eval_resize_crop, eval_transform, make_loader
-from classifier.evaluation import compute_report, confident_errors, worst_first
+from classifier.evaluation import (
+    calibration_summary,
+    compute_report,
+    confident_errors,
+    reliability_bins,
+    worst_first,
+)
 from classifier.images import load_image
 from classifier.onnx_export import (
     classes_from_mapping,
@@ -75,6 +83,7 @@ class Classifier:
     source: Path
     backend: str
     weights: str
+    temperature: float | None  # None: none was fitted for these weights (an old run, or last.pt past the best epoch)
 
 
 def load_classifier(path: Path, device: str) -> Classifier:
@@ -92,6 +101,7 @@ def load_classifier(path: Path, device: str) -> Classifier:
             source=path,
             backend="onnxruntime",
             weights=sidecar.get("weights", "unknown"),
+            temperature=sidecar.get("temperature") if sidecar.get("temperature_fitted", True) else None,
         )
     path = ckpt.find_checkpoint(path)
     state = ckpt.load_checkpoint(path)
@@ -113,6 +123,7 @@ def load_classifier(path: Path, device: str) -> Classifier:
         source=path,
         backend="pytorch",
         weights=weights,
+        temperature=state.get("temperature"),
     )
 
 
@@ -163,6 +174,11 @@ def write_pictures(out: Path, report: dict, samples: list, logits: torch.Tensor,
         [classes[int(predicted[i])] for i in wrong],
         [confidence[i].item() for i in wrong],
     ), out / "errors.png")
+    temperature = report["temperature"]
+    plots.save_figure(plots.reliability_figure(
+        reliability_bins(logits, labels), reliability_bins(logits / temperature, labels), temperature,
+        report["ece"], report["ece_calibrated"],
+    ), out / "reliability.png")
 
 
 def main(args: EvalArgs) -> dict:
@@ -197,6 +213,9 @@ def main(args: EvalArgs) -> dict:
         "split": args.split,
         "data_root": str(root),
         **compute_report(logits, labels, model.classes),
+        # ece/nll as the logits give them, and *_calibrated after dividing by the model's temperature
+        **calibration_summary(logits, labels, model.temperature or NO_TEMPERATURE),
+        "temperature_fitted": model.temperature is not None,
     }
     write_tables(out, report, samples, logits, labels)
     write_pictures(out, report, samples, logits, labels, model.preprocessing, args.errors)
@@ -206,6 +225,12 @@ def main(args: EvalArgs) -> dict:
         f"{model.backend} {model.source} on {args.split} ({len(samples)} images from {root}): top-1 {report['top1']:.4f}{top5} | "
         f"macro F1 {report['macro_f1']:.4f} | balanced acc {report['balanced_accuracy']:.4f} | ECE {report['ece']:.4f}"
     )
+    if model.temperature is None:
+        print(f"calibration: no temperature stored with {model.source.name}: T = 1.0, probabilities uncalibrated | "
+              f"NLL {report['nll']:.4f}")
+    else:
+        print(f"calibration: temperature {report['temperature']:.3f} | ECE {report['ece']:.4f} -> {report['ece_calibrated']:.4f} | "
+              f"NLL {report['nll']:.4f} -> {report['nll_calibrated']:.4f}")
     worst = ", ".join(f"{r['class']} {r['f1']:.2f}" for r in worst_first(report["per_class"])[:5])
     print(f"worst classes by F1: {worst}\nwrote {out}/")
     return report

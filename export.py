@@ -78,9 +78,12 @@ def load_source(path: Path) -> tuple[nn.Module, dict]:
         preprocessing=state["preprocessing"],
         model_name=state["model_name"],
         small_input_stem=cfg["small_input_stem"],
+        stem_stride=cfg.get("stem_stride", 1),
+        logit_adjustment=cfg.get("logit_adjustment", "none"),
         weights=weights,
         source=str(path.resolve()),
         data=dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]),
+        temperature=state.get("temperature"),  # None: trained before calibration, or last.pt past best's epoch
     )
     return model, facts
 
@@ -102,16 +105,20 @@ def load_safetensors(path: Path) -> tuple[nn.Module, dict]:
         meta.setdefault("small_input_stem", cfg["small_input_stem"])
         meta.setdefault("data", dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]))
     classes = classes_from_mapping(meta)
-    model = build_model(meta["model"], len(classes), small_input_stem=meta["small_input_stem"])
+    meta.setdefault("stem_stride", 1)  # files written before the option existed
+    model = build_model(meta["model"], len(classes), small_input_stem=meta["small_input_stem"], stem_stride=meta["stem_stride"])
     model.load_state_dict(load_file(path))  # strict: a mismatched architecture fails here, loudly
     facts = dict(
         classes=classes,
         preprocessing=meta["preprocessing"],
         model_name=meta["model"],
         small_input_stem=meta["small_input_stem"],
+        stem_stride=meta["stem_stride"],
+        logit_adjustment=meta.get("logit_adjustment", "none"),
         weights=meta.get("weights", "unknown"),
         source=str(path.resolve()),
         data=meta["data"],
+        temperature=meta.get("temperature") if meta.get("temperature_fitted", True) else None,  # an unfitted export says so
     )
     return model.eval(), facts
 
@@ -130,13 +137,29 @@ def build_sidecar(facts: dict, input_kind: str) -> dict:
         classes_sha256=classes_sha256(facts["classes"]),
         weights=facts["weights"],
         small_input_stem=facts["small_input_stem"],
+        stem_stride=facts["stem_stride"],
+        logit_adjustment=facts["logit_adjustment"],  # already folded into the head's bias: nothing to do
         source_checkpoint=facts["source"],
         baked_preprocessing=input_kind,
         input=graph_input,
-        output={"name": OUTPUT_NAME, "shape": ["batch", len(facts["classes"])], "meaning": "raw logits; softmax gives probabilities"},
+        output={"name": OUTPUT_NAME, "shape": ["batch", len(facts["classes"])],
+                "meaning": "raw logits; probabilities = softmax(logits / temperature)"},
         data=facts["data"],
+        **temperature_facts(facts.get("temperature")),
         exporter=f"torch {torch.__version__} dynamo exporter, ONNX opset {OPSET}",
     )
+
+
+def temperature_facts(temperature: float | None) -> dict:
+    """The sidecar's temperature and a line on how to use it. The graph's logits are never divided by
+    it (argmax, and so every accuracy number, is the same either way); a source without one gets 1.0."""
+    if temperature is None:
+        note = ("no temperature was fitted for these weights (a checkpoint from before calibration, or not best.pt): "
+                "1.0, probabilities = softmax(logits) are uncalibrated")
+        return {"temperature": 1.0, "temperature_fitted": False, "temperature_note": note}
+    note = ("probabilities = softmax(logits / temperature), temperature fitted on the validation split; the "
+            "exported logits are NOT divided by it (argmax unchanged)")
+    return {"temperature": float(temperature), "temperature_fitted": True, "temperature_note": note}
 
 
 # --- which images to verify on -----------------------------------------------------------------------
@@ -213,7 +236,8 @@ def main(args: ExportArgs) -> Path:
     print(
         f"wrote {out}/model.onnx ({size_mb:.1f} MB), labels_mapping.json, model.safetensors | {facts['weights']} weights | "
         f"{graph_input['name']} {graph_input['dtype']} {graph_input['layout']} {graph_input['shape']} -> "
-        f"{OUTPUT_NAME} {sidecar['output']['shape']} | {len(facts['classes'])} classes"
+        f"{OUTPUT_NAME} {sidecar['output']['shape']} | {len(facts['classes'])} classes | temperature {sidecar['temperature']:.3f}"
+        + ("" if sidecar["temperature_fitted"] else " (none fitted: uncalibrated)")
     )
     return out
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from classifier import checkpoint as ckpt
 from classifier import distributed, plots
+from classifier.calibration import calibrate_best
 from classifier.config import (
     TrainConfig,
     parse_cli,
@@ -40,8 +41,8 @@ from classifier.data import (
     drop_unreadable,
     eval_transform,
     fingerprint,
-    inverse_frequency_weights,
     make_loader,
+    peek_batch,
     preprocessing_spec,
     train_transform,
 )
@@ -49,10 +50,13 @@ from classifier.debugging import overfit_one_batch
 from classifier.ema import build_ema, decay_per_step
 from classifier.fastdata import make_tensor_loaders
 from classifier.faults import NonFiniteWatch, StopRequest
+from classifier.imbalance import inverse_frequency_weights, logit_bias, rarest_classes, sampler_weights
+from classifier.losses import BatchMixer, build_criterion
 from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
-from classifier.models import build_model, check_input_size
+from classifier.models import build_model, check_input_size, fold_logit_bias
 from classifier.optim import build_optimizer, default_lr, lr_at, milestones_in_steps
 from classifier.runlog import NullLog, RunLog, check_writable, environment, run_directory
+from classifier.selection import pick_weights, rare_recall_text, update_best
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -95,11 +99,13 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                       f"{resumed['dataset']['counts']}, now {dataset['counts']})", stacklevel=1)
     log.print(class_table(classes, counts))
     preprocessing = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
-    augment = train_transform(d.image_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, d.mean, d.std, d.interpolation)
+    augment = train_transform(d.image_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, d.mean, d.std, d.interpolation,
+                              auto_augment=d.auto_augment, randaugment_num_ops=d.randaugment_num_ops,
+                              randaugment_magnitude=d.randaugment_magnitude, random_erasing=d.random_erasing)
     train_set = ImageDataset(splits.train, augment)
     val_set = ImageDataset(splits.val, eval_transform(preprocessing))
     labels = torch.tensor([label for _, label in splits.train])
-    sample_weights = (1.0 / counts["train"].clamp(min=1).double())[labels] if d.weighted_sampler else None
+    sample_weights = sampler_weights(labels, counts["train"], d.sampler_alpha) if d.weighted_sampler else None
     rank, world = dist_info.rank, dist_info.world_size
     train_sampler = EpochSampler(len(train_set), shuffle=True, seed=cfg.seed, weights=sample_weights, rank=rank, world_size=world)
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world_size=world)
@@ -131,7 +137,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     global_batch = d.batch_size * world * accum
 
     # --- model, loss, optimizer, precision -----------------------------------------------------------
-    model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, small_input_stem=cfg.small_input_stem)
+    model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, small_input_stem=cfg.small_input_stem,
+                        stem_stride=cfg.stem_stride)
     check_input_size(model, d.image_size, cfg.model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -140,7 +147,12 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     o = cfg.optim
     optimizer = build_optimizer(model, o.optimizer, lr=peak_lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
     loss_weights = inverse_frequency_weights(counts["train"]).to(device) if d.class_weighted_loss else None
-    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=o.label_smoothing)
+    # Logit adjustment: a fixed per-class vector added to the logits wherever they are judged or shipped.
+    adjust = logit_bias(cfg.logit_adjustment, counts["train"], d.sampler_alpha if d.weighted_sampler else None, loss_weights)
+    rare = rarest_classes(counts["train"])  # their recall goes next to top-1 in the log
+    # Int labels: the plain nn.CrossEntropyLoss; MixUp/CutMix soft targets: the same weights and smoothing.
+    criterion = build_criterion(weight=loss_weights, label_smoothing=o.label_smoothing)
+    mixer = BatchMixer(num_classes, mixup_alpha=o.mixup_alpha, cutmix_alpha=o.cutmix_alpha, mix_prob=o.mix_prob)
     # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and needs none. A
     # disabled scaler is a pass-through, so the step below has one path for every precision.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -152,6 +164,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     # --- resume: every piece of state that decides what happens next --------------------------------
     step, start_epoch, batches_done = 0, 0, 0
     best = {"metric": cfg.select_metric, "value": float("-inf"), "epoch": -1, "kept": []}  # kept: [[value, epoch], ...]
+    weights_used = "ema" if ema is not None else "raw"  # which weights the last validation preferred
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         if ema is not None:
@@ -162,6 +175,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         for name, metric in train_metrics.items():
             metric.load_state_dict(resumed["train_metrics"][name])
         step, start_epoch, batches_done, best = resumed["step"], resumed["epoch"], resumed["batches_in_epoch"], resumed["best"]
+        weights_used = resumed["weights"]
         ckpt.restore_rng(resumed["rng"])
         log.print(f"resumed {run_dir} at epoch {start_epoch}, step {step} ({batches_done} batches into the epoch)")
 
@@ -180,13 +194,16 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     ema_decay = decay_per_step(cfg.ema_half_life_epochs, steps_per_epoch) if ema is not None else None
     derived = dict(world_size=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                    warmup_steps=warmup_steps, peak_lr=peak_lr, ema_decay_per_step=ema_decay,
-                   loss_class_weights=loss_weights.tolist() if loss_weights is not None else None)
+                   loss_class_weights=loss_weights.tolist() if loss_weights is not None else None,
+                   logit_bias=adjust.tolist() if adjust is not None else None)
     if dist_info.is_main:
         save_json(cfg, run_dir / "config.json", derived=derived, dataset=dataset, **environment())
         mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)
         ckpt.write_text(run_dir / "labels_mapping.json", json.dumps(mapping, indent=2) + "\n")
     log.print(f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
               f"global batch {global_batch} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.1e} | {device} {cfg.precision}")
+    if dist_info.is_main and resumed is None:  # what the model sees; peek_batch draws from no RNG and no iterator
+        plots.save_figure(plots.train_batch_figure(*peek_batch(train_loader, 64), classes, d.mean, d.std), run_dir / "plots" / "train_batch.png")
     if cfg.debug:
         images, targets = next(iter(make_loader(train_set, EpochSampler(len(train_set), shuffle=False), **loader_args, drop_last=True)))
         first, last = overfit_one_batch(model, images.to(device), targets.to(device))
@@ -200,7 +217,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                     train_metrics={n: m.state_dict() for n, m in train_metrics.items()},
                     epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best, rng=ckpt.rng_state(),
                     config=to_dict(cfg), classes=classes, preprocessing=preprocessing, model_name=cfg.model,
-                    weights="ema" if ema is not None else "raw", val_metrics=val, drawn=drawn, dataset=dataset)
+                    weights=weights_used, val_metrics=val, drawn=drawn, dataset=dataset,
+                    logit_bias=adjust.tolist() if adjust is not None else None)
 
     watch = NonFiniteWatch(device)
     skipped_nonfinite = 0
@@ -235,6 +253,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             drawn += torch.bincount(labels, minlength=num_classes)
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
+            # MixUp/CutMix: (N, C) soft targets from the global torch RNG (checkpointed); off: targets is labels.
+            images, targets = mixer(images, labels)
             batches_done += 1
             is_last_micro = batches_done % accum == 0
             # DDP all-reduces gradients during backward; inner micro-batches only accumulate locally.
@@ -244,14 +264,15 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             with net.no_sync() if dist_info.enabled and not is_last_micro else nullcontext():
                 with autocast:
                     logits = net(images)
-                    loss = criterion(logits, labels)
+                    loss = criterion(logits, targets)
                 if buffers and distributed.any_true(not torch.isfinite(loss).item(), device):
                     torch._foreach_copy_(list(model.buffers()), buffers)
                     skipped_nonfinite += 1  # no backward: this batch adds nothing to the gradients
                 else:
                     scaler.scale(loss / accum).backward()
                     train_metrics["loss"].update(loss.detach().float(), weight=len(labels))
-                    train_metrics["top1"].update(logits.detach(), labels)
+                    # Mixed batches: top-1 against the soft target's argmax (the larger share of the mix).
+                    train_metrics["top1"].update(logits.detach(), targets.argmax(dim=1) if mixer.enabled else labels)
             if cfg.nonfinite_loss == "stop" and cfg.precision != "fp16":  # fp16: the GradScaler skips such steps
                 watch.update(loss, epoch, batches_done - 1)
             images_since_tick += len(labels)
@@ -306,39 +327,31 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         distributed.broadcast_buffers(model)
         if ema is not None:
             distributed.broadcast_buffers(ema)
-        eval_model = ema.module if ema is not None else model
-        val = evaluate(eval_model, val_loader, val_metrics, device=device, autocast=autocast, channels_last=cfg.channels_last)
-        improved = val[cfg.select_metric] > best["value"]
-        if improved:
-            best = {**best, "value": val[cfg.select_metric], "epoch": epoch}
-        # The best k epochs by the metric, best first (ties: the earlier epoch); the rest lose their file.
-        ranked = sorted([*best["kept"], [val[cfg.select_metric], epoch]], key=lambda ve: (-ve[0], ve[1]))
-        best["kept"], dropped = (ranked[: cfg.keep_best], ranked[cfg.keep_best :]) if cfg.keep_best > 1 else ([], [])
-        log.print(f"epoch {epoch} | train loss {train['loss']:.4f} top1 {train['top1']:.4f} | val loss {val['loss']:.4f} "
-                  f"top1 {val['top1']:.4f} macro-F1 {val['macro_f1']:.4f} | best {cfg.select_metric} {best['value']:.4f} (epoch {best['epoch']})")
-        record = {"epoch": epoch, "step": step, "lr": lr, "train": train, "val": val, "drawn_per_class": drawn.tolist()}
-        log.epoch(record)
+        # Validate the EMA and the raw weights alike; the better one by select_metric is this epoch's result.
+        candidates = {"ema": ema.module, "raw": model} if ema is not None else {"raw": model}
+        results = {which: evaluate(m, val_loader, val_metrics, device=device, autocast=autocast, channels_last=cfg.channels_last,
+                                   logit_bias=adjust.to(device) if adjust is not None else None) for which, m in candidates.items()}
+        weights_used = pick_weights(results, cfg.select_metric)
+        val = results[weights_used]
+        best, improved, dropped = update_best(best, val[cfg.select_metric], epoch, cfg.keep_best)
+        versus = f" ({weights_used}; raw {results['raw'][cfg.select_metric]:.4f})" if ema is not None else ""
+        log.print(f"epoch {epoch} | train loss {train['loss']:.4f} top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f}"
+                  f" macro-F1 {val['macro_f1']:.4f}{versus}{rare_recall_text(val['per_class_acc'], classes, rare)}"
+                  f" | best {cfg.select_metric} {best['value']:.4f} (epoch {best['epoch']})")
+        log.epoch({"epoch": epoch, "step": step, "lr": lr, "train": train, "val": val, "weights": weights_used, "drawn_per_class": drawn.tolist(),
+                   "val_by_weights": {w: {k: r[k] for k in ("top1", "macro_f1", "balanced_accuracy", "loss")} for w, r in results.items()}})
         log.scalars(step, {k: v for k, v in train.items()}, prefix="train_epoch/")
         log.scalars(step, {k: v for k, v in val.items() if not isinstance(v, list)}, prefix="val/")
+        log.scalars(step, {f"{which}_{cfg.select_metric}": r[cfg.select_metric] for which, r in results.items()}, prefix="val_weights/")
+        log.scalars(step, {classes[c]: val["per_class_acc"][c] for c in rare}, prefix="val_recall_rare/")
         if dist_info.is_main:
-            last_path = run_dir / "checkpoints" / "last.pt"
-            ckpt.save_checkpoint(state(epoch + 1, 0, val, drawn), last_path)
-            if any(e == epoch for _, e in best["kept"]):
-                ckpt.atomic_copy(last_path, run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt")
-            for _, e in dropped:
-                (run_dir / "checkpoints" / f"epoch-{e:03d}.pt").unlink(missing_ok=True)
-            if improved:
-                ckpt.atomic_copy(last_path, run_dir / "checkpoints" / "best.pt")  # no second serialization
-                weights = ema.module.state_dict() if ema is not None else model.state_dict()
-                ckpt.save_safetensors(weights, run_dir / "best.safetensors", ckpt.labels_mapping(
-                    classes, preprocessing, cfg.model, weights="ema" if ema is not None else "raw", epoch=epoch,
-                    small_input_stem=cfg.small_input_stem, data={"root": str(d.root), "val_fraction": d.val_fraction, "seed": cfg.seed}))
-            # Pictures after the checkpoints, so a plotting error can never cost one.
-            confusion_figure = plots.confusion_matrix_figure(val["confusion"], classes, normalize=False)
-            plots.save_figure(confusion_figure, run_dir / "plots" / "confusion_matrix.png")
-            log.figure("val/confusion_matrix", confusion_figure, step)
-            history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            plots.save_figure(plots.curves_figure(history), run_dir / "plots" / "curves.png")
+            # best.safetensors holds the chosen weights with the logit adjustment folded into the head's bias.
+            ckpt.save_epoch(run_dir, state(epoch + 1, 0, val, drawn), epoch, keep=any(e == epoch for _, e in best["kept"]),
+                            drop=[e for _, e in dropped], best_weights=fold_logit_bias(candidates[weights_used], adjust) if improved else None,
+                            best_metadata=ckpt.labels_mapping(classes, preprocessing, cfg.model, weights=weights_used, epoch=epoch,
+                                                              logit_adjustment=cfg.logit_adjustment, small_input_stem=cfg.small_input_stem,
+                                                              stem_stride=cfg.stem_stride, data={"root": str(d.root), "val_fraction": d.val_fraction, "seed": cfg.seed}))
+            plots.save_epoch_pictures(run_dir, val["confusion"], classes, log, step)  # after the checkpoints: a plot error costs none
         distributed.barrier()  # no rank races ahead of the checkpoint
         if stop.requested(device):
             log.print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run_dir}")
@@ -347,6 +360,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             log.print(f"early stop: no better val {cfg.select_metric} in {cfg.early_stop_patience} epochs")
             break
 
+    # Temperature scaling on the val split with best.pt's weights: T goes into best.pt and the exports.
+    calibrate_best(run_dir, val_loader, device=device, autocast=autocast, channels_last=cfg.channels_last, log=log)
     log.print(f"done: {run_dir} | best val {cfg.select_metric} {best['value']:.4f} at epoch {best['epoch']}")
     log.close()
     return {"run_dir": str(run_dir), "best": best, "val": val, "step": step, "model": model, "ema": ema}

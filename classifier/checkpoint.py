@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from classifier.config import TrainConfig, from_dict
-from classifier.models import build_model
+from classifier.models import build_model, fold_logit_bias
 
 FORMAT = "classifier-training/1"
 _UMASK = os.umask(0)
@@ -62,9 +62,28 @@ def previous_of(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
+def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None:
+    """`keep_previous=False` when rewriting a checkpoint with the same weights (e.g. adding the fitted
+    temperature): the kept previous file must stay the older save, not a copy of this one."""
     path = Path(path)
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp), keep_previous=previous_of(path))
+    previous = previous_of(path) if keep_previous else None
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp), keep_previous=previous)
+
+
+def save_epoch(run_dir: Path, state: dict, epoch: int, *, keep: bool, drop: list[int],
+               best_weights: dict[str, torch.Tensor] | None, best_metadata: dict) -> None:
+    """An epoch's files: last.pt always; checkpoints/epoch-NNN.pt when the epoch is among the best k and
+    deleted once it drops out (`drop`); on a new best (`best_weights` given), best.pt (a copy of last.pt:
+    no second serialization) and best.safetensors (the inference weights, `best_metadata` attached)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    save_checkpoint(state, last)
+    if keep:
+        atomic_copy(last, run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt")
+    for e in drop:
+        (run_dir / "checkpoints" / f"epoch-{e:03d}.pt").unlink(missing_ok=True)
+    if best_weights is not None:
+        atomic_copy(last, run_dir / "checkpoints" / "best.pt")
+        save_safetensors(best_weights, run_dir / "best.safetensors", best_metadata)
 
 
 def atomic_copy(source: Path, path: Path) -> None:
@@ -123,8 +142,10 @@ def load_run_config(path: Path) -> TrainConfig:
 
 
 def inference_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
-    """The weights that were validated: the EMA model's when EMA was on, else the raw model's."""
-    if checkpoint.get("ema") is not None:
+    """The weights that were validated and preferred: 'ema' or 'raw' as the checkpoint records (older
+    checkpoints, which do not say: the EMA model's when EMA was on)."""
+    which = checkpoint.get("weights") or ("ema" if checkpoint.get("ema") is not None else "raw")
+    if which == "ema":
         prefix = "module."
         ema = checkpoint["ema"]
         return {k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)}, "ema"
@@ -134,9 +155,12 @@ def inference_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
 def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
     """Rebuild the architecture from the checkpoint's config and load the validated weights, eval mode."""
     cfg = from_dict(checkpoint["config"])
-    model = build_model(cfg.model, len(checkpoint["classes"]), small_input_stem=cfg.small_input_stem)
+    model = build_model(cfg.model, len(checkpoint["classes"]), small_input_stem=cfg.small_input_stem,
+                        stem_stride=cfg.stem_stride)
     weights, which = inference_weights(checkpoint)
     model.load_state_dict(weights)
+    if checkpoint.get("logit_bias") is not None:  # --logit-adjustment: fold it in, as best.safetensors has it
+        model.load_state_dict(fold_logit_bias(model, checkpoint["logit_bias"]))
     return model.eval(), which
 
 

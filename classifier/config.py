@@ -57,6 +57,17 @@ class DataConfig:
     """Random horizontal flip in training. Turn off for digits and text (a flipped 2 is not a 2)."""
     color_jitter: float = 0.0
     """Brightness/contrast/saturation jitter strength in training (0 disables it)."""
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    """Per-image automatic augmentation policy in training, after crop/flip and before normalization:
+    torchvision's RandAugment or TrivialAugmentWide (its rotations, shears and solarize can change what
+    digits or text read as). Geometric ops use bilinear (nearest with --data.interpolation nearest)."""
+    randaugment_num_ops: int = 2
+    """RandAugment: ops applied to each image in a row (torchvision's default 2)."""
+    randaugment_magnitude: int = 9
+    """RandAugment: strength of every op, 0-30 on torchvision's 31-bin scale (its default 9)."""
+    random_erasing: float = 0.0
+    """Probability of erasing a random rectangle (2-33% of the area) of each training image after
+    normalization (to 0, the mean colour), as torchvision's reference recipes do; 0 disables it."""
     val_fraction: float = 0.1
     """When there is no `val/` folder: the fraction of each class held out of `train/` (seeded, stratified)."""
     batch_size: int = 64
@@ -70,7 +81,11 @@ class DataConfig:
     """With --data.fast-path: keep the decoded images in this folder (e.g. DATA_ROOT/.cache) so the next
     run skips decoding; None keeps them in memory only."""
     weighted_sampler: bool = False
-    """Draw training images with replacement, weighted so that every class is drawn equally often."""
+    """Draw training images with replacement, weighted by their class's count^-sampler_alpha (with the
+    default alpha 1, every class is drawn equally often)."""
+    sampler_alpha: float = 1.0
+    """With --data.weighted-sampler: 0 keeps natural class frequencies, 1 balances classes fully, 0.5 is
+    in between (class c drawn with probability ∝ count_c^(1 - alpha))."""
     class_weighted_loss: bool = False
     """Weight the cross-entropy by inverse class frequency of the train split."""
     max_train_batches: int | None = None
@@ -108,6 +123,14 @@ class OptimConfig:
     """'step'/'multistep': the factor of each LR drop."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
+    mixup_alpha: float = 0.0
+    """MixUp: blend each training image with another, lambda ~ Beta(alpha, alpha), the targets likewise
+    (soft targets, still smoothed and class-weighted); 0 disables it. 0.2 is the torchvision recipe's value."""
+    cutmix_alpha: float = 0.0
+    """CutMix: paste a box of another training image, the targets mixed by the box's area, lambda ~
+    Beta(alpha, alpha); 0 disables it. With MixUp on too, each batch gets one of the two at random."""
+    mix_prob: float = 1.0
+    """Probability that a training batch is mixed at all, when MixUp or CutMix is on."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (gradient accumulation)."""
     clip_grad_norm: float | None = 1.0
@@ -122,6 +145,9 @@ class TrainConfig:
     """'DEFAULT' for torchvision's weights from the TORCH_HOME cache, or a path to a .pth/.safetensors file."""
     small_input_stem: bool = False
     """ResNets only: 3x3 stride-1 first conv and no max-pool, for 28-64 px images (CIFAR-style stem)."""
+    stem_stride: int = 1
+    """With --small-input-stem: the stride of its 3x3 conv. 2 halves the resolution once (32 px enters the
+    first block at 16x16, not 32x32 or the ImageNet stem's 8x8): ~1.6x cheaper per image than stride 1."""
     epochs: int = 10
     """Training epochs."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -136,6 +162,10 @@ class TrainConfig:
     """Under DDP on GPUs: BatchNorm statistics over the global batch instead of each GPU's share."""
     ema_half_life_epochs: float | None = 0.5
     """EMA half-life in epochs, turned into a per-step decay; None disables EMA."""
+    logit_adjustment: Literal["none", "frequency", "balanced"] = "none"
+    """Add log(target prior) - log(training prior) to the logits in validation, best.pt and export
+    (classifier/imbalance.py). 'frequency': probabilities follow the train split's class frequencies,
+    undoing the weighted sampler/class-weighted loss; 'balanced': every class equally likely a priori."""
     select_metric: Literal["top1", "macro_f1", "balanced_accuracy"] = "top1"
     """Validation metric that picks the best checkpoint (and drives early stopping). macro_f1 or
     balanced_accuracy weigh rare classes like common ones."""

@@ -9,6 +9,7 @@ of the number of workers. Model, loss and metrics live elsewhere.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from classifier import distributed
+from classifier.augment import auto_augment_transform
 from classifier.faults import ignore_signals_in_worker
 from classifier.images import IMAGE_EXTENSIONS, load_image, scan_images, write_report
 from classifier.sampling import EpochSampler
@@ -159,13 +161,6 @@ def class_counts(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
     return torch.bincount(torch.tensor([label for _, label in samples], dtype=torch.long), minlength=num_classes)
 
 
-def inverse_frequency_weights(counts: torch.Tensor) -> torch.Tensor:
-    """Per-class loss weights n / (k * n_c): 1 for every class when balanced. Empty classes get 0."""
-    counts = counts.double()
-    weights = counts.sum() / (len(counts) * counts.clamp(min=1))
-    return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
-
-
 def fingerprint(splits: Splits) -> dict:
     """Class counts per split and a hash of the sorted (path, label) list: tells whether two runs saw the
     same data without storing the file list."""
@@ -232,7 +227,15 @@ def train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     interpolation: str,
+    *,
+    auto_augment: str = "none",
+    randaugment_num_ops: int = 2,
+    randaugment_magnitude: int = 9,
+    random_erasing: float = 0.0,
 ) -> T.Compose:
+    """uint8 CHW RGB tensor -> augmented, normalized float32 tensor, in the order of torchvision's reference
+    recipe (references/classification/presets.py): crop, flip, auto-augment (on uint8), [jitter], ToDtype,
+    Normalize, random erasing. The options off add no step, so the transform is exactly the one without them."""
     steps = [
         T.RandomResizedCrop(
             image_size, scale=crop_scale, ratio=crop_ratio, interpolation=InterpolationMode(interpolation), antialias=True
@@ -240,9 +243,14 @@ def train_transform(
     ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
+    if auto_augment != "none":
+        steps.append(auto_augment_transform(auto_augment, num_ops=randaugment_num_ops, magnitude=randaugment_magnitude,
+                                            interpolation=interpolation))
     if color_jitter > 0:
         steps.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        steps.append(T.RandomErasing(p=random_erasing))  # value 0 after Normalize: the mean colour
     return T.Compose(steps)
 
 
@@ -294,6 +302,18 @@ def make_loader(
         generator=torch.Generator().manual_seed(0),
         worker_init_fn=ignore_signals_in_worker,
     )
+
+
+def peek_batch(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` (images, labels) of the batch `loader` yields first, without touching any RNG or
+    iterator state: for a DataLoader over an EpochSampler, from the dataset directly with the sampler's
+    keys (ImageDataset seeds each key's transform under fork_rng; no worker is started); for the fast
+    path's TensorLoader (pure by design: it seeds a generator per batch), its first batch."""
+    if isinstance(loader, DataLoader):
+        items = [loader.dataset[key] for key in itertools.islice(loader.sampler, min(count, loader.batch_size))]
+        return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+    images, labels = next(iter(loader))
+    return images[:count], labels[:count]
 
 
 def class_table(classes: list[str], counts: dict[str, torch.Tensor]) -> str:

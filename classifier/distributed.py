@@ -111,3 +111,27 @@ def any_true(flag: bool, device: torch.device) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+def gather_strided(tensors: tuple[torch.Tensor, ...], num_samples: int) -> tuple[torch.Tensor, ...]:
+    """Every rank's share of an evaluation split, on every rank, in dataset order. An evaluating
+    EpochSampler gives rank r the items r, r + W, r + 2W, ... and never pads (sampling.py), so
+    interleaving the shares counts each item once. Shares that do not add up to `num_samples` that way
+    (a padding sampler, such as torch's DistributedSampler, repeats up to W - 1 items) are refused.
+    CPU tensors, pickled through all_gather_object: a sync point, meant for logits, not for images."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    world = dist.get_world_size()
+    shares = [None] * world
+    dist.all_gather_object(shares, tensors)
+    sizes = [len(share[0]) for share in shares]
+    if sizes != [len(range(r, num_samples, world)) for r in range(world)]:
+        raise ValueError(f"evaluation shares of sizes {sizes} are not an unpadded strided split of {num_samples} items")
+    gathered = []
+    for i, first in enumerate(max(shares, key=lambda share: len(share[0]))):  # an empty share may lack the shape
+        whole = torch.empty(num_samples, *first.shape[1:], dtype=first.dtype)
+        for r, share in enumerate(shares):
+            if sizes[r]:
+                whole[r::world] = share[i]
+        gathered.append(whole)
+    return tuple(gathered)

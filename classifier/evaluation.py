@@ -55,7 +55,7 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
         # Mean recall over the classes that have images (scikit-learn's balanced_accuracy_score).
         "balanced_accuracy": per_class["recall"][present].mean().item() if present.any() else None,
         "macro_auroc": auroc[present].mean().item() if present.sum() >= 2 else None,
-        "ece": MulticlassCalibrationError(k, n_bins=ECE_BINS, norm="l1")(probs, labels).item(),
+        "ece": expected_calibration_error(logits, labels),
         "ece_bins": ECE_BINS,
         "loss": F.cross_entropy(logits, labels).item(),
         "classes_without_images": [name for name, has in zip(classes, present.tolist(), strict=True) if not has],
@@ -74,6 +74,44 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
         "confusion": confusion.tolist(),
     }
     return report
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 ECE (L1, ECE_BINS equal-width bins) of softmax(logits): torchmetrics' implementation, the one
+    place the project computes it, so reports, training's calibration and the tests all agree."""
+    probs = logits.float().softmax(dim=1)  # probabilities: torchmetrics would guess logits from their range
+    return MulticlassCalibrationError(logits.shape[1], n_bins=ECE_BINS, norm="l1")(probs, labels.long()).item()
+
+
+def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> dict:
+    """Reliability-diagram data: per equal-width confidence bin, the mean top-1 confidence, the accuracy
+    and the image count (NaN confidence/accuracy where a bin is empty). The bins are torchmetrics'
+    (bucketize on linspace(0, 1), right-closed), except that a confidence of exactly 1.0, which
+    torchmetrics puts in an extra bin of its own, is drawn in the top bin. ECE is
+    sum(count * |accuracy - confidence|) / total over these bins; expected_calibration_error says the number."""
+    confidence, predicted = logits.float().softmax(dim=1).max(dim=1)  # float32, as the ECE sees them
+    confidence, correct = confidence.double(), (predicted == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
+    sums = torch.zeros(3, n_bins, dtype=torch.float64)
+    for row, values in enumerate((torch.ones_like(confidence), confidence, correct)):
+        sums[row].index_add_(0, index, values)
+    count = sums[0]
+    return {"edges": edges.tolist(), "confidence": (sums[1] / count).tolist(), "accuracy": (sums[2] / count).tolist(),
+            "count": count.long().tolist()}
+
+
+def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
+    """NLL and ECE of softmax(logits) and of softmax(logits / temperature): what temperature scaling bought."""
+    logits, labels = logits.float(), labels.long()
+    scaled = logits / temperature
+    return {
+        "temperature": temperature,
+        "nll": F.cross_entropy(logits, labels).item(),
+        "nll_calibrated": F.cross_entropy(scaled, labels).item(),
+        "ece": expected_calibration_error(logits, labels),
+        "ece_calibrated": expected_calibration_error(scaled, labels),
+    }
 
 
 def most_confused(confusion: torch.Tensor, classes: list[str], limit: int = 20) -> list[dict]:

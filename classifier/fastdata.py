@@ -37,6 +37,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from classifier import distributed
+from classifier.augment import BatchAutoAugment, random_erase, to_device
 from classifier.checkpoint import atomic_write
 from classifier.config import DataConfig
 from classifier.data import Sample, Splits
@@ -200,14 +201,6 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy without a sync point: a copy from ordinary (pageable) memory to a GPU waits for the GPU to
-    finish its queue, so every per-batch copy goes through pinned memory, non-blocking."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 class BatchAugment(nn.Module):
     """uint8 (B, 3, H, W) batch -> augmented, normalized float32 (B, 3, size, size), on the batch's device.
 
@@ -216,7 +209,10 @@ class BatchAugment(nn.Module):
     need normalized [-1, 1] coordinates and never averages), horizontal flip, brightness/contrast/
     saturation jitter, then ToDtype(scale=True) + Normalize. The random numbers are drawn on the CPU from
     `generator`, so one seed gives the same crops on CPU and GPU; every draw happens whatever the options,
-    so turning flip or jitter off leaves the crops unchanged.
+    so turning flip or jitter off leaves the crops unchanged. Optional, in data.train_transform's order:
+    auto-augment per image on the uint8 crops after the flip, random erasing after Normalize
+    (classifier/augment.py). They draw after everything else and only when on: off, the stream and the
+    output are exactly those without them; on, the crops, flips and jitter are unchanged.
     """
 
     def __init__(
@@ -230,10 +226,18 @@ class BatchAugment(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         channels_last: bool = False,
+        auto_augment: str = "none",
+        randaugment_num_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        interpolation: str = "bilinear",
+        random_erasing: float = 0.0,
     ):
         super().__init__()
         self.size, self.crop_scale, self.crop_ratio = size, crop_scale, crop_ratio
         self.hflip, self.color_jitter, self.channels_last = hflip, color_jitter, channels_last
+        self.auto_augment = None if auto_augment == "none" else BatchAutoAugment(
+            auto_augment, num_ops=randaugment_num_ops, magnitude=randaugment_magnitude, interpolation=interpolation)
+        self.random_erasing = random_erasing
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -253,6 +257,8 @@ class BatchAugment(nn.Module):
         x = roi_align(images.float(), rois, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         if self.hflip:
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        if self.auto_augment is not None:  # its ops want uint8, as v2's do after an antialiased resize
+            x = self.auto_augment(x.round_().to(torch.uint8), generator).float()
         x = x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)'s scaling
         if self.color_jitter > 0:
             brightness, contrast, saturation = factors.unbind(dim=1)
@@ -260,6 +266,8 @@ class BatchAugment(nn.Module):
             x = (contrast * x + (1 - contrast) * grayscale(x).mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
             x = (saturation * x + (1 - saturation) * grayscale(x)).clamp_(0, 1)
         x = (x - self.mean).div_(self.std)
+        if self.random_erasing > 0:
+            x = random_erase(x, self.random_erasing, generator)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -367,7 +375,10 @@ def make_tensor_loaders(
     if data.cache_dir is not None and distributed.is_main():
         distributed.barrier()
     augment = BatchAugment(data.image_size, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
-                           color_jitter=data.color_jitter, mean=data.mean, std=data.std, channels_last=channels_last)
+                           color_jitter=data.color_jitter, mean=data.mean, std=data.std, channels_last=channels_last,
+                           auto_augment=data.auto_augment, randaugment_num_ops=data.randaugment_num_ops,
+                           randaugment_magnitude=data.randaugment_magnitude, interpolation=data.interpolation,
+                           random_erasing=data.random_erasing)
     evaluate = BatchEval(data.image_size, mean=data.mean, std=data.std, channels_last=channels_last)
     train_loader = TensorLoader(train_images, train_labels, train_sampler, batch_size=data.batch_size, drop_last=True,
                                 transform=augment, device=device)

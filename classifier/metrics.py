@@ -64,8 +64,10 @@ def evaluate(
     device: torch.device,
     autocast: AbstractContextManager,
     channels_last: bool = False,
+    logit_bias: torch.Tensor | None = None,
 ) -> dict:
-    """Run `model` over `loader` and return the computed metrics (plain numbers), with the mean loss."""
+    """Run `model` over `loader` and return the computed metrics (plain numbers), with the mean loss.
+    `logit_bias` (one value per class) is added to the logits first: the logit adjustment, when on."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
@@ -77,6 +79,8 @@ def evaluate(
         with autocast:
             logits = model(images)
         logits = logits.float()  # metrics and softmax in fp32, whatever the autocast dtype
+        if logit_bias is not None:
+            logits = logits + logit_bias
         metrics.update(logits, labels)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         count += len(labels)

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 
-def build_model(name: str, num_classes: int, *, pretrained: str | None = None, small_input_stem: bool = False) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, *, pretrained: str | None = None, small_input_stem: bool = False, stem_stride: int = 1
+) -> nn.Module:
     """A torchvision model with `num_classes` outputs. With `pretrained`, the ImageNet (1000-class) weights
     are loaded first and the head is replaced afterwards: torchvision refuses `num_classes` with weights."""
     if name not in torchvision.models.list_models(module=torchvision.models):
@@ -31,7 +33,9 @@ def build_model(name: str, num_classes: int, *, pretrained: str | None = None, s
             raise ValueError(f"--pretrained {pretrained} does not fit {name}: {err}") from err
         replace_head(model, num_classes)
     if small_input_stem:
-        use_small_input_stem(model, name)
+        use_small_input_stem(model, name, stem_stride)
+    elif stem_stride != 1:
+        raise ValueError(f"--stem-stride {stem_stride} needs --small-input-stem")
     return model
 
 
@@ -48,26 +52,46 @@ def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
         model.train(was_training)
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the last Linear layer for a fresh one with `num_classes` outputs (ResNet `fc`, MobileNet,
-    EfficientNet and ConvNeXt `classifier[-1]`, RegNet `fc`)."""
+def head_name(model: nn.Module) -> str:
+    """The qualified name of the final Linear layer (e.g. 'fc', 'classifier.3'): the one replace_head swaps."""
     for parent_name in ("fc", "classifier", "heads"):
         parent = getattr(model, parent_name, None)
         if isinstance(parent, nn.Linear):
-            setattr(model, parent_name, nn.Linear(parent.in_features, num_classes))
-            return
+            return parent_name
         if isinstance(parent, nn.Sequential) and isinstance(parent[-1], nn.Linear):
-            parent[-1] = nn.Linear(parent[-1].in_features, num_classes)
-            return
+            return f"{parent_name}.{len(parent) - 1}"
     raise ValueError(f"do not know where the classification head of {type(model).__name__} is")
 
 
-def use_small_input_stem(model: nn.Module, name: str) -> None:
-    """CIFAR-style ResNet stem: a 3x3 stride-1 conv and no max-pool, so 28-64 px images keep their
+def fold_logit_bias(model: nn.Module, logit_bias: torch.Tensor | list | None) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with `logit_bias` added to the head's bias: a model whose logits are the
+    adjusted ones (classifier/imbalance.py), so consumers of the weights need no extra step."""
+    state = dict(model.state_dict())
+    if logit_bias is not None:
+        key = f"{head_name(model)}.bias"
+        state[key] = state[key] + torch.as_tensor(logit_bias, dtype=state[key].dtype, device=state[key].device)
+    return state
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer for a fresh one with `num_classes` outputs (ResNet `fc`, MobileNet,
+    EfficientNet and ConvNeXt `classifier[-1]`, RegNet `fc`)."""
+    parent_name, _, index = head_name(model).partition(".")
+    if index:
+        parent = getattr(model, parent_name)
+        parent[int(index)] = nn.Linear(parent[int(index)].in_features, num_classes)
+    else:
+        setattr(model, parent_name, nn.Linear(getattr(model, parent_name).in_features, num_classes))
+
+
+def use_small_input_stem(model: nn.Module, name: str, stride: int = 1) -> None:
+    """CIFAR-style ResNet stem: a 3x3 conv (stride 1 or 2) and no max-pool, so 28-64 px images keep their
     resolution (the ImageNet stem divides by 4 before the first block: a 32 px image becomes 8x8)."""
     if not name.startswith("resnet"):
         raise ValueError(f"--small-input-stem is for ResNets, not {name}")
-    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    if stride not in (1, 2):
+        raise ValueError(f"--stem-stride must be 1 or 2, not {stride}")
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
     model.maxpool = nn.Identity()
 
 

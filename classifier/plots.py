@@ -1,5 +1,5 @@
-"""Pictures of a run and of an evaluation: the confusion matrix heatmap, the training curves and a grid
-of misclassified images, saved as PNG.
+"""Pictures of a run and of an evaluation: the confusion matrix heatmap, the training curves, a grid
+of misclassified images and the reliability diagram, saved as PNG.
 
 Figures are built as plain `matplotlib.figure.Figure` objects drawn by the Agg renderer, never through
 pyplot: no display is needed, no backend is switched under a notebook user, and no global figure
@@ -9,6 +9,7 @@ shown is the job of metrics.py and evaluation.py.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -117,9 +118,95 @@ def errors_grid_figure(images, true_names: list[str], pred_names: list[str], con
     return fig
 
 
+def reliability_figure(before: dict, after: dict, temperature: float, ece_before: float, ece_after: float) -> Figure:
+    """Accuracy against top-1 confidence per bin, before and after temperature scaling (side by side), with
+    the diagonal a calibrated model follows and the image count per bin below. `before`/`after` are
+    evaluation.reliability_bins results; bars above the diagonal are under-confident, below over-confident."""
+    fig = Figure(figsize=(11, 6.5), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True, height_ratios=[3, 1.1])
+    panels = ((before, "Before: softmax(logits)", ece_before), (after, f"After: softmax(logits / {temperature:.3g})", ece_after))
+    for col, (bins, title, ece) in enumerate(panels):
+        top, bottom = axes[0, col], axes[1, col]
+        edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
+        width = np.diff(edges)
+        filled = count > 0  # empty bins have no accuracy (NaN): draw nothing there
+        accuracy, confidence = np.asarray(bins["accuracy"])[filled], np.asarray(bins["confidence"])[filled]
+        top.bar(edges[:-1][filled], accuracy, width[filled], align="edge", color="tab:blue", alpha=0.75,
+                edgecolor="navy", label="accuracy in the bin")
+        # Hatching only, no fill: where the gap lies inside a bar (under-confident) the blue stays readable.
+        top.bar(edges[:-1][filled], confidence - accuracy, width[filled], bottom=accuracy, align="edge",
+                facecolor="none", edgecolor="tab:red", hatch="///", linewidth=1.2, label="gap to the mean confidence")
+        top.plot([0, 1], [0, 1], "--", color="black", linewidth=1, label="perfect calibration")
+        top.set(xlim=(0, 1), ylim=(0, 1))
+        top.set_title(f"{title}\nECE {ece:.4f}", fontsize=12)
+        top.set_ylabel("accuracy in bin", fontsize=10)
+        top.grid(alpha=0.3)
+        bottom.bar(edges[:-1], count, width, align="edge", color="gray", edgecolor="black")
+        for left, w, n in zip(edges[:-1], width, count, strict=True):
+            if n:
+                bottom.text(left + w / 2, n, str(int(n)), ha="center", va="bottom", fontsize=7)
+        bottom.set_ylim(0, max(1, count.max()) * 1.25)  # room for the numbers above the tallest bar
+        bottom.set_xlabel("confidence (top-1 probability)", fontsize=10)
+        bottom.set_ylabel("images", fontsize=10)
+    # One legend below both panels: inside, it would hide bars wherever the model puts them.
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=10)
+    fig.suptitle(f"Reliability diagram: {int(np.sum(before['count']))} images, {len(before['count'])} bins "
+                 "(accuracy vs top-1 confidence; bars below the diagonal are over-confident)", fontsize=12)
+    return fig
+
+
+def train_batch_figure(images: torch.Tensor, targets: torch.Tensor, classes: list[str], mean, std,
+                       max_images: int = 64) -> Figure:
+    """A grid of (up to `max_images` of) one training batch as the model gets it: `images` normalized float
+    (N, 3, H, W), shown with `mean`/`std` undone; `targets` class indices (N,), titled with the class name,
+    or (N, C) soft targets (MixUp/CutMix), titled with their two largest shares ("0.6 Shirt" over "0.4 Coat")."""
+    images, targets = images[:max_images].detach().float().cpu(), targets[:max_images].detach().cpu()
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    pixels = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC for imshow
+    titles = [target_text(target, classes) for target in targets]
+    n, cols = len(images), min(8, len(images))
+    rows = math.ceil(n / cols)
+    # One axes in inch coordinates holding every tile: 64 subplots would take seconds to lay out and draw.
+    tile, gap, title_in = 1.2, 0.15, 0.14 * max(t.count("\n") + 1 for t in titles) + 0.06
+    width, height = cols * (tile + gap) + gap, rows * (tile + title_in) + 0.45
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)  # y grows downwards, as rows do
+    ax.axis("off")
+    for i in range(n):
+        x0, y0 = gap + (i % cols) * (tile + gap), 0.45 + (i // cols) * (tile + title_in) + title_in
+        ax.imshow(pixels[i], extent=(x0, x0 + tile, y0 + tile, y0), interpolation="nearest")  # the model's pixels
+        ax.text(x0 + tile / 2, y0 - 0.03, titles[i], ha="center", va="bottom", fontsize=7, linespacing=1.1)
+    h, w = images.shape[-2:]
+    ax.text(width / 2, 0.1, f"One augmented training batch, as the model sees it ({n} images, {h}x{w} px)",
+            ha="center", va="top", fontsize=11)
+    return fig
+
+
+def target_text(target: torch.Tensor, classes: list[str]) -> str:
+    """A class index as its name; a soft target as its (up to) two largest shares, one a line: "0.6 Shirt\n0.4 Coat"."""
+    if target.ndim == 0:
+        return shorten(classes[int(target)], 16)
+    shares, indices = target.float().topk(min(2, len(target)))
+    if shares[0] > 0.99 or len(shares) == 1 or shares[1] < 0.01:  # not mixed (label smoothing aside)
+        return shorten(classes[int(indices[0])], 16)
+    return "\n".join(f"{float(s):.2g} {shorten(classes[int(c)], 14)}" for s, c in zip(shares, indices, strict=True))
+
+
 def shorten(name: str, limit: int = 22) -> str:
     """Long class names would run into the neighbouring title (22 characters fit 2.1 in at 8 pt)."""
     return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def save_epoch_pictures(run_dir: Path, confusion, classes: list[str], log, step: int) -> None:
+    """After each validation: plots/confusion_matrix.png (also to TensorBoard) and plots/curves.png from
+    the run's metrics.jsonl so far."""
+    figure = confusion_matrix_figure(confusion, classes, normalize=False)
+    save_figure(figure, run_dir / "plots" / "confusion_matrix.png")
+    log.figure("val/confusion_matrix", figure, step)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    save_figure(curves_figure(history), run_dir / "plots" / "curves.png")
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:

@@ -17,11 +17,11 @@ from classifier.data import (
     class_sort_key,
     eval_transform,
     fingerprint,
-    inverse_frequency_weights,
     load_image,
     preprocessing_spec,
     train_transform,
 )
+from classifier.imbalance import inverse_frequency_weights
 
 
 def make_folder(root: Path, layout: dict[str, dict[str, int]], size=(20, 16), mode="RGB") -> Path:

@@ -95,3 +95,19 @@ def test_resume_under_ddp_matches_the_straight_run(ddp_run, repo_root, tmp_path)
     records = [[json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()] for root in (out / "runs", tmp_path / "runs")]
     assert records[0][1] == records[1][1]
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_temperature_is_fitted_on_the_whole_val_split(ddp_run):
+    """Each rank holds half the val logits (an odd count); gathered, they give the single-process fit."""
+    from classifier.calibration import collect_logits, fit_temperature
+
+    out, proc, _ = ddp_run
+    best = load_checkpoint(out / "runs" / "ddp" / "checkpoints" / "best.pt")
+    cfg = from_dict(best["config"])
+    model, _ = model_from_checkpoint(best)
+    splits = build_splits(cfg.data.root, cfg.data.val_fraction, cfg.seed)
+    loader = make_loader(ImageDataset(splits.val, eval_transform(best["preprocessing"])), EpochSampler(len(splits.val), shuffle=False),
+                         batch_size=4, num_workers=0, drop_last=False, pin_memory=False)
+    logits, labels = collect_logits(model, loader, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
+    assert best["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert proc.stdout.count("calibration: temperature") == 1  # every rank fits, rank 0 says so

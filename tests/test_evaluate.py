@@ -20,7 +20,7 @@ from classifier.fashion_mnist import CLASSES
 
 # Numbers that count images agree exactly; those that use probabilities may differ by float rounding.
 COUNT_METRICS = ("top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy")
-PROBABILITY_METRICS = ("macro_auroc", "ece", "loss")
+PROBABILITY_METRICS = ("macro_auroc", "ece", "loss", "nll", "ece_calibrated", "nll_calibrated", "temperature")
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +67,7 @@ def test_report_files(checkpoint_report):
     pairs = read_csv(checkpoint_report / "confused_pairs.csv")
     assert sum(int(row["count"]) for row in pairs) == 10 - sum(int(row["correct"]) for row in predictions)
 
-    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png"):
+    for name in ("confusion_matrix.png", "confusion_matrix_normalized.png", "errors.png", "reliability.png"):
         with Image.open(checkpoint_report / name) as image:
             assert image.format == "PNG"
             image.load()
@@ -107,6 +107,26 @@ def test_onnx_gives_the_checkpoints_numbers(run_and_onnx, checkpoint_report, tmp
     columns = ("path", "true", "predicted")
     rows = [read_csv(d / "predictions.csv") for d in (folder / "model-eval-val", checkpoint_report)]
     assert [[r[c] for c in columns] for r in rows[0]] == [[r[c] for c in columns] for r in rows[1]]
+
+
+def test_reports_calibration_with_the_checkpoints_temperature(run_and_onnx, checkpoint_report, tmp_path):
+    run_dir, _ = run_and_onnx
+    best = ckpt.load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    report = json.loads((checkpoint_report / "metrics.json").read_text())
+    assert report["temperature"] == best["temperature"] and report["temperature_fitted"] is True
+    # The val split with best.pt's weights: the numbers train.py measured when it fitted T.
+    fit = best["temperature_fit"]
+    assert report["nll"] == pytest.approx(fit["val_nll_before"], abs=1e-4) and report["nll"] == pytest.approx(report["loss"])
+    assert report["nll_calibrated"] == pytest.approx(fit["val_nll_after"], abs=1e-4)
+    assert (report["ece"], report["ece_calibrated"]) == pytest.approx((fit["val_ece_before"], fit["val_ece_after"]), abs=1e-4)
+
+    # A checkpoint from before calibration existed: T = 1.0, said so, and nothing changes.
+    old = {k: v for k, v in best.items() if k not in ("temperature", "temperature_fit")}
+    ckpt.save_checkpoint(old, tmp_path / "old.pt")
+    old_report = evaluate.main(evaluate.EvalArgs(tmp_path / "old.pt", split="val"))
+    assert old_report["temperature"] == 1.0 and old_report["temperature_fitted"] is False
+    assert old_report["ece_calibrated"] == old_report["ece"] == pytest.approx(report["ece"], abs=1e-6)
+    assert (tmp_path / "old-eval-val" / "reliability.png").is_file()
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "onnx"])

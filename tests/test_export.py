@@ -124,6 +124,8 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
     assert sidecar["preprocessing"] == state["preprocessing"]
     assert sidecar["weights"] == "ema" and sidecar["data"]["seed"] == 0
     assert sidecar["input"] == {"name": "images", "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, 32, 32]}
+    assert sidecar["temperature"] == state["temperature"] and sidecar["temperature_fitted"] is True
+    assert "softmax(logits / temperature)" in sidecar["temperature_note"] and "NOT divided" in sidecar["temperature_note"]
 
     proto = onnx.load(str(out / "model.onnx"))
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [onnx_export.OPSET]
@@ -138,6 +140,23 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
     assert which == "ema" and saved.keys() == ema_weights.keys()
     assert all(torch.equal(saved[k], ema_weights[k]) for k in saved)
     assert not all(torch.equal(saved[k], state["model"][k]) for k in saved)
+
+
+def test_temperature_from_every_source(fmnist_run, fmnist_best, tmp_path):
+    """best.safetensors carries train.py's T; a checkpoint from before calibration gets 1.0, marked unfitted,
+    and an export of that keeps saying so."""
+    state, _ = fmnist_best
+    _, facts = export.load_source(fmnist_run / "best.safetensors")
+    assert facts["temperature"] == state["temperature"]
+    assert export.build_sidecar(facts, "none")["temperature"] == state["temperature"]
+
+    ckpt.save_checkpoint({k: v for k, v in state.items() if k != "temperature"}, tmp_path / "old.pt")
+    model, facts = export.load_source(tmp_path / "old.pt")
+    sidecar = export.build_sidecar(facts, "none")
+    assert (sidecar["temperature"], sidecar["temperature_fitted"]) == (1.0, False)
+    assert "no temperature was fitted" in sidecar["temperature_note"]
+    ckpt.save_safetensors(model.state_dict(), tmp_path / "old.safetensors", sidecar)
+    assert export.load_source(tmp_path / "old.safetensors")[1]["temperature"] is None
 
 
 @pytest.mark.parametrize("layout", ["uint8-nchw", "uint8-nhwc"])

@@ -85,3 +85,23 @@ def test_errors_grid(tmp_path):
     assert "no misclassified images" in empty.texts[0].get_text()
     plots.save_figure(empty, tmp_path / "none.png")
     assert png_size(tmp_path / "none.png")[0] > 100
+
+
+def test_reliability_figure_shows_each_bins_accuracy(tmp_path):
+    from classifier.evaluation import reliability_bins
+
+    generator = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(400, 5, generator=generator)
+    labels = torch.randint(0, 5, (400,), generator=generator)
+    before, after = reliability_bins(logits, labels), reliability_bins(logits / 3.0, labels)
+    fig = plots.reliability_figure(before, after, 3.0, 0.5, 0.1)
+    top_left, top_right = fig.axes[0], fig.axes[1]
+    for ax, bins in ((top_left, before), (top_right, after)):
+        filled = [a for a, n in zip(bins["accuracy"], bins["count"], strict=True) if n]
+        heights = [bar.get_height() for bar in ax.containers[0]]  # the accuracy bars, one per non-empty bin
+        np.testing.assert_allclose(heights, filled)
+    assert "ECE 0.5000" in top_left.get_title() and "logits / 3" in top_right.get_title()
+    assert [bar.get_height() for bar in fig.axes[2].containers[0]] == before["count"]
+    plots.save_figure(fig, tmp_path / "reliability.png")
+    width, height = png_size(tmp_path / "reliability.png")
+    assert 600 <= width <= 1600 and 400 <= height <= 1000
