@@ -334,7 +334,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
         weights_used = pick_weights(results, cfg.select_metric)
         val = results[weights_used]
         best, improved, dropped = update_best(best, val[cfg.select_metric], epoch, cfg.keep_best)
-        versus = f" ({weights_used}; raw {results['raw'][cfg.select_metric]:.4f})" if ema is not None else ""
+        other = "raw" if weights_used == "ema" else "ema"
+        versus = f" ({weights_used}; {other} {results[other][cfg.select_metric]:.4f})" if ema is not None else ""
         log.print(f"epoch {epoch} | train loss {train['loss']:.4f} top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f}"
                   f" macro-F1 {val['macro_f1']:.4f}{versus}{rare_recall_text(val['per_class_acc'], classes, rare)}"
                   f" | best {cfg.select_metric} {best['value']:.4f} (epoch {best['epoch']})")

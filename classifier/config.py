@@ -32,6 +32,7 @@ ModelName = Literal[
     "efficientnet_b1",
     "convnext_tiny",
     "regnet_y_400mf",
+    "small_resnet",
 ]
 
 
@@ -140,7 +141,8 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelName = "resnet18"
-    """torchvision classification model; its head is replaced for the dataset's class count."""
+    """torchvision classification model (its head replaced for the dataset's class count), or
+    small_resnet: the project's compact network for 28-64 px images from scratch (classifier/models.py)."""
     pretrained: str | None = None
     """'DEFAULT' for torchvision's weights from the TORCH_HOME cache, or a path to a .pth/.safetensors file."""
     small_input_stem: bool = False

@@ -276,3 +276,14 @@ def test_baked_export_takes_raw_pixels(numeric_run, numeric_export):
         expected = model(torch.stack([eval_transform(state["preprocessing"])(im) for im in images])).numpy()
     assert (logits.argmax(1) == expected.argmax(1)).all()
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_small_resnet_exports_and_agrees_with_pytorch(fmnist_small_root, tmp_path):
+    """The project's own architecture goes through the same export and verification as torchvision's."""
+    run = train_tiny_run(fmnist_small_root, tmp_path, "--model", "small_resnet", "--data.image-size", "28",
+                         "--data.resize-size", "28", "--data.batch-size", "8", "--data.max-train-batches", "2")
+    out = tmp_path / "export"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        export.main(export.ExportArgs(run / "checkpoints" / "best.pt", out=out, batch_size=8))
+    assert printed.getvalue().count("(100.0%) | ok") == 2, printed.getvalue()
+    assert json.loads((out / "labels_mapping.json").read_text())["model"] == "small_resnet"

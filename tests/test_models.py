@@ -7,7 +7,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from classifier.models import build_model
+from classifier.models import build_model, fold_logit_bias, head_name
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,30 @@ def test_bad_weights_files_are_named(tmp_path):
     torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), wrong)
     with pytest.raises(ValueError, match="does not fit resnet18"):
         build_model("resnet18", 3, pretrained=str(wrong))
+
+
+@pytest.mark.parametrize("size", [28, 32, 64])
+def test_small_resnet_takes_small_images_and_has_a_replaceable_head(size):
+    model = build_model("small_resnet", 5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 5)
+    assert head_name(model) == "fc" and sum(p.numel() for p in model.parameters()) < 600_000
+    bias = torch.arange(5.0)
+    assert torch.equal(fold_logit_bias(model, bias)["fc.bias"], model.fc.bias.detach() + bias)
+
+
+def test_small_resnet_refuses_pretrained_and_the_small_stem():
+    with pytest.raises(ValueError, match="--pretrained"):
+        build_model("small_resnet", 3, pretrained="DEFAULT")
+    with pytest.raises(ValueError, match="small-input-stem"):
+        build_model("small_resnet", 3, small_input_stem=True)
+
+
+def test_stem_stride_two_halves_the_resolution_once():
+    model = build_model("resnet18", 4, small_input_stem=True, stem_stride=2)
+    assert model.conv1.stride == (2, 2) and isinstance(model.maxpool, torch.nn.Identity)
+    assert model.layer1(model.relu(model.bn1(model.conv1(torch.randn(1, 3, 32, 32))))).shape[-1] == 16
+    with pytest.raises(ValueError, match="needs --small-input-stem"):
+        build_model("resnet18", 4, stem_stride=2)
+    with pytest.raises(ValueError, match="1 or 2"):
+        build_model("resnet18", 4, small_input_stem=True, stem_stride=3)
