@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from classifier import checkpoint as ckpt
 from classifier import distributed
 from classifier.evaluation import calibration_summary
+from classifier.metrics import batch_logits
 from classifier.sampling import EpochSampler
 
 T_MIN, T_MAX = 0.05, 20.0  # beyond these a "temperature" says the val set is degenerate, not the model
@@ -71,16 +72,9 @@ def collect_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 logits, labels) on the CPU for every image of `loader`, as metrics.evaluate computes them
     (fp32 after autocast, plus `logit_bias`). Under DDP every rank gets the whole split, in dataset order."""
-    model.eval()
     bias = None if logit_bias is None else torch.as_tensor(logit_bias, dtype=torch.float32, device=device)
     chunks, targets = [], []
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(images)
-        logits = logits.float() if bias is None else logits.float() + bias
+    for logits, labels in batch_logits(model, loader, device=device, autocast=autocast, channels_last=channels_last, logit_bias=bias):
         chunks.append(logits.cpu())
         targets.append(labels.cpu().long())
     logits = torch.cat(chunks) if chunks else torch.zeros(0, 0)  # a rank may hold no val images at all

@@ -56,6 +56,24 @@ def to_plain(computed: dict[str, torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
+def batch_logits(model: nn.Module, loader, *, device: torch.device, autocast: AbstractContextManager,
+                 channels_last: bool = False, logit_bias: torch.Tensor | None = None):
+    """Yield (fp32 logits, labels) on `device` per batch of `loader`, the model in eval mode; `logit_bias`
+    (one value per class: the logit adjustment, when on) is added to the logits. The one inference loop
+    of validation and calibration."""
+    model.eval()
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(images)
+        logits = logits.float()  # metrics and softmax in fp32, whatever the autocast dtype
+        yield (logits if logit_bias is None else logits + logit_bias), labels
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -68,19 +86,10 @@ def evaluate(
 ) -> dict:
     """Run `model` over `loader` and return the computed metrics (plain numbers), with the mean loss.
     `logit_bias` (one value per class) is added to the logits first: the logit adjustment, when on."""
-    model.eval()
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
-    for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(images)
-        logits = logits.float()  # metrics and softmax in fp32, whatever the autocast dtype
-        if logit_bias is not None:
-            logits = logits + logit_bias
+    for logits, labels in batch_logits(model, loader, device=device, autocast=autocast, channels_last=channels_last,
+                                       logit_bias=logit_bias):
         metrics.update(logits, labels)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         count += len(labels)
