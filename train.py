@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import os
 import random
 import time
 import warnings
@@ -24,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from classifier import checkpoint as ckpt
-from classifier import distributed, plots
+from classifier import distributed, hardware, plots
 from classifier.calibration import calibrate_best
 from classifier.config import (
     TrainConfig,
@@ -82,6 +83,18 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     torch.autograd.set_detect_anomaly(cfg.debug)  # slow; names the op that produced a NaN gradient
+    # Hardware-dependent settings: 'auto' resolved for this machine; each choice and its reason is
+    # printed here and written to config.json (classifier/hardware.py).
+    precision = hardware.resolve_precision(cfg.precision, device)
+    channels_last = hardware.resolve_channels_last(cfg.channels_last, device, precision.value)
+    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    num_workers = hardware.resolve_num_workers(cfg.data.num_workers, processes_per_node)
+    requested = {"precision": cfg.precision, "channels_last": cfg.channels_last, "num_workers": cfg.data.num_workers}
+    choices = {"precision": precision, "channels_last": channels_last, "num_workers": num_workers}
+    for name, choice in choices.items():
+        log.print(f"{'warning: ' if choice.warn else ''}{name} {choice.value}: {choice.reason}")
+    if resumed is not None:
+        ckpt.check_resumed_precision(resumed, precision.value, cfg.accept_config_changes)
 
     # --- data: one class mapping from train/, separate datasets per split ----------------------------
     d = cfg.data
@@ -90,7 +103,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     if not distributed.all_equal(classes):
         raise SystemExit(f"error: the ranks read different class folders from {d.root}; is it the same data on every node?")
     if d.scan_images:  # decode every file once now, rather than crash in a worker in epoch 3
-        splits = drop_unreadable(splits, d.root, skip=d.skip_bad_images, workers=max(1, d.num_workers),
+        splits = drop_unreadable(splits, d.root, skip=d.skip_bad_images, workers=max(1, num_workers.value),
                                  rank=dist_info.rank, world_size=dist_info.world_size, report=run_dir / "bad_images.txt" if dist_info.is_main else None, log=log.print)
     counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
     dataset = fingerprint(splits)
@@ -109,11 +122,11 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     rank, world = dist_info.rank, dist_info.world_size
     train_sampler = EpochSampler(len(train_set), shuffle=True, seed=cfg.seed, weights=sample_weights, rank=rank, world_size=world)
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world_size=world)
-    workers = 0 if cfg.debug else d.num_workers  # main-process loading: breakpoints in data code work
+    workers = 0 if cfg.debug else num_workers.value  # main-process loading: breakpoints in data code work
     loader_args = dict(batch_size=d.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     if d.fast_path:  # decoded once into tensors, augmented a batch at a time on the device
         train_loader, val_loader = make_tensor_loaders(splits, train_sampler, val_sampler, d, preprocessing, device=device,
-                                                       channels_last=cfg.channels_last, workers=workers,
+                                                       channels_last=channels_last.value, workers=workers,
                                                        progress=cfg.progress and dist_info.is_main)
     else:
         train_loader = make_loader(train_set, train_sampler, drop_last=True, **loader_args)
@@ -140,7 +153,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, small_input_stem=cfg.small_input_stem,
                         stem_stride=cfg.stem_stride)
     check_input_size(model, d.image_size, cfg.model)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last.value else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema = build_ema(model, cfg.ema_half_life_epochs, steps_per_epoch, cfg.epochs)
     peak_lr = cfg.optim.lr or default_lr(cfg.optim.optimizer, pretrained=cfg.pretrained is not None)
@@ -155,9 +168,9 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     mixer = BatchMixer(num_classes, mixup_alpha=o.mixup_alpha, cutmix_alpha=o.cutmix_alpha, mix_prob=o.mix_prob)
     # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and needs none. A
     # disabled scaler is a pass-through, so the step below has one path for every precision.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.precision != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.value == "fp16")
+    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision.value]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=precision.value != "fp32")
     train_metrics = {name: m.to(device) for name, m in build_train_metrics(num_classes).items()}
     val_metrics = build_val_metrics(num_classes).to(device)
 
@@ -196,12 +209,14 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                    warmup_steps=warmup_steps, peak_lr=peak_lr, ema_decay_per_step=ema_decay,
                    loss_class_weights=loss_weights.tolist() if loss_weights is not None else None,
                    logit_bias=adjust.tolist() if adjust is not None else None)
+    resolved = {name: {"requested": requested[name], "value": c.value, "reason": c.reason} for name, c in choices.items()}
     if dist_info.is_main:
-        save_json(cfg, run_dir / "config.json", derived=derived, dataset=dataset, **environment())
+        save_json(cfg, run_dir / "config.json", derived=derived, resolved=resolved, machine=hardware.describe(),
+                  dataset=dataset, **environment())
         mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)
         ckpt.write_text(run_dir / "labels_mapping.json", json.dumps(mapping, indent=2) + "\n")
     log.print(f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
-              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.1e} | {device} {cfg.precision}")
+              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.1e} | {device} {precision.value}")
     if dist_info.is_main and resumed is None:  # what the model sees; peek_batch draws from no RNG and no iterator
         plots.save_figure(plots.train_batch_figure(*peek_batch(train_loader, 64), classes, d.mean, d.std), run_dir / "plots" / "train_batch.png")
     if cfg.debug:
@@ -218,7 +233,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                     epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best, rng=ckpt.rng_state(),
                     config=to_dict(cfg), classes=classes, preprocessing=preprocessing, model_name=cfg.model,
                     weights=weights_used, val_metrics=val, drawn=drawn, dataset=dataset,
-                    logit_bias=adjust.tolist() if adjust is not None else None)
+                    logit_bias=adjust.tolist() if adjust is not None else None, precision=precision.value)
 
     watch = NonFiniteWatch(device)
     skipped_nonfinite = 0
@@ -273,7 +288,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                     train_metrics["loss"].update(loss.detach().float(), weight=len(labels))
                     # Mixed batches: top-1 against the soft target's argmax (the larger share of the mix).
                     train_metrics["top1"].update(logits.detach(), targets.argmax(dim=1) if mixer.enabled else labels)
-            if cfg.nonfinite_loss == "stop" and cfg.precision != "fp16":  # fp16: the GradScaler skips such steps
+            if cfg.nonfinite_loss == "stop" and precision.value != "fp16":  # fp16: the GradScaler skips such steps
                 watch.update(loss, epoch, batches_done - 1)
             images_since_tick += len(labels)
             bar.update(1)
@@ -329,7 +344,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             distributed.broadcast_buffers(ema)
         # Validate the EMA and the raw weights alike; the better one by select_metric is this epoch's result.
         candidates = {"ema": ema.module, "raw": model} if ema is not None else {"raw": model}
-        results = {which: evaluate(m, val_loader, val_metrics, device=device, autocast=autocast, channels_last=cfg.channels_last,
+        results = {which: evaluate(m, val_loader, val_metrics, device=device, autocast=autocast, channels_last=channels_last.value,
                                    logit_bias=adjust.to(device) if adjust is not None else None) for which, m in candidates.items()}
         weights_used = pick_weights(results, cfg.select_metric)
         val = results[weights_used]
@@ -362,7 +377,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             break
 
     # Temperature scaling on the val split with best.pt's weights: T goes into best.pt and the exports.
-    calibrate_best(run_dir, val_loader, device=device, autocast=autocast, channels_last=cfg.channels_last, log=log)
+    calibrate_best(run_dir, val_loader, device=device, autocast=autocast, channels_last=channels_last.value, log=log)
     log.print(f"done: {run_dir} | best val {cfg.select_metric} {best['value']:.4f} at epoch {best['epoch']}")
     log.close()
     return {"run_dir": str(run_dir), "best": best, "val": val, "step": step, "model": model, "ema": ema}

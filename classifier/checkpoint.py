@@ -137,6 +137,19 @@ def load_checkpoint(path: Path) -> dict:
         return read_checkpoint(previous)
 
 
+def check_resumed_precision(checkpoint: dict, precision: str, accept_changes: bool) -> None:
+    """Refuse to resume in another precision than the run trained in (a different 'auto' on another
+    kind of machine, say): the continuation would not be the run that was interrupted. Checkpoints that
+    do not record it are taken as they are."""
+    trained = checkpoint.get("precision")
+    if trained is None or trained == precision or accept_changes:
+        return
+    raise SystemExit(
+        f"error: this run trained in {trained} and would continue in {precision} here; pass "
+        f"--accept-config-changes to continue in {precision}, with --precision {trained} to keep {trained}"
+    )
+
+
 def load_run_config(path: Path) -> TrainConfig:
     return from_dict(load_checkpoint(path)["config"])
 

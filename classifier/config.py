@@ -73,8 +73,9 @@ class DataConfig:
     """When there is no `val/` folder: the fraction of each class held out of `train/` (seeded, stratified)."""
     batch_size: int = 64
     """Images per device per forward pass. The global batch is batch_size * world size * grad_accum_steps."""
-    num_workers: int = 4
-    """DataLoader worker processes (0 loads in the main process, as --debug does)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes per training process; 0 loads in the main process, as --debug does.
+    'auto': this process's share of the usable cores, at most 4 (classifier/hardware.py)."""
     fast_path: bool = False
     """Small images: decode every image once into a uint8 tensor and augment whole batches on the device
     (classifier/fastdata.py): no per-image PIL work and no worker processes while training."""
@@ -152,12 +153,15 @@ class TrainConfig:
     first block at 16x16, not 32x32 or the ImageNet stem's 8x8): ~1.6x cheaper per image than stride 1."""
     epochs: int = 10
     """Training epochs."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype. fp16 uses a GradScaler (CUDA only); bf16 needs none."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype. 'auto': bf16 on CUDA from Ampere on (fp16 before it) and on CPUs with native bf16
+    (avx512_bf16/AMX), else fp32: emulated bf16 is ~10x slower than fp32 (classifier/hardware.py).
+    fp16 uses a GradScaler; bf16 needs none. config.json records what 'auto' chose and why."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    channels_last: bool = False
-    """Use the channels_last memory format for the model and the images (faster convs on GPU)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """The channels_last memory format for the model and the images. 'auto': on for CPUs (faster in fp32
+    and bf16 alike, measured) and for CUDA fp16/bf16 (tensor cores); off for CUDA fp32."""
     compile: bool = False
     """torch.compile the model (long cold start; checkpoints still hold the plain module)."""
     sync_batchnorm: bool = False

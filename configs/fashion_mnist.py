@@ -1,8 +1,8 @@
 """Fashion-MNIST from scratch on a 2-core CPU, against the clock: >= 0.93 test top-1 in under 10 minutes
 of training (`python bench/time_to_accuracy.py` runs it and prints the curve; README, Benchmarks).
 
-Where the numbers come from (this box: 2 cores with AMX bf16, no GPU; one training step, batch 128,
-median of 6, bf16 autocast, channels_last):
+Where the numbers come from (a 2-core Intel Xeon with AMX bf16, no GPU, unless named otherwise; one
+training step, batch 128, median of 6, bf16 autocast, channels_last):
 - The budget is images per second. ResNet18 runs 420-470 img/s with the ImageNet stem at 32 px (a 32 px
   image enters its first block at 8x8), 225-280 with the stride-2 small stem (14x14 at 28 px) and 170
   with the stride-1 one. Measured with bench/time_to_accuracy.py: ResNet18 with the stride-2 stem does 2
@@ -11,9 +11,10 @@ median of 6, bf16 autocast, channels_last):
   ~1,000 img/s in training here: ~1 minute per epoch, so 8 epochs fit with room to spare, and more
   epochs at full resolution beat fewer epochs of a deeper network in this budget.
 - Native 28 px (no resize): the network's three 2x2 pools need no power of two (28 -> 14 -> 7 -> 3).
-- bf16 autocast: 2.1x fp32 for small_resnet on this CPU (959 vs 446 img/s, AMX); channels_last: the
-  layout oneDNN's bf16 kernels want. (Not a rule: ResNet18 with the ImageNet stem at 32 px ran 424 bf16
-  vs 476 fp32 img/s, its 8x8 maps too small to gain.)
+- Precision, channels_last and DataLoader workers are left to 'auto' (classifier/hardware.py), as no
+  one choice is right on every CPU: bf16 autocast is 2.1x fp32 for small_resnet where the CPU has native
+  bf16 (959 vs 446 img/s, AMX), and about 10x slower than fp32 where it has not (AVX2 only: 20-22 vs
+  212-261 img/s), so 'auto' takes bf16 only on the former. channels_last is faster on both kinds.
 - Mild crops (70-100% of the area) and flips; no RandAugment, erasing or mixing: 8 epochs are too few
   for the model to overfit 57k images, and those slow down what it learns first.
 - AdamW at 2e-3 with 0.3 epochs of warmup and cosine decay; label smoothing 0.1; EMA with a half-life
@@ -29,8 +30,6 @@ from classifier.config import DataConfig, OptimConfig, TrainConfig
 CONFIG = TrainConfig(
     model="small_resnet",
     epochs=8,
-    precision="bf16",
-    channels_last=True,
     ema_half_life_epochs=0.25,
     preset="fashion-mnist",
     data=DataConfig(
@@ -45,7 +44,6 @@ CONFIG = TrainConfig(
         hflip=True,  # clothes are left-right symmetric
         val_fraction=0.05,
         batch_size=128,
-        num_workers=2,
         fast_path=True,
     ),
     optim=OptimConfig(lr=2e-3, weight_decay=0.05, warmup_epochs=0.3, label_smoothing=0.1),

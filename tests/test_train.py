@@ -162,7 +162,7 @@ def test_mixed_precision_paths_run_on_cpu(precision, fmnist_small_root, tmp_path
 
 def test_compile_and_channels_last_save_the_plain_module(fmnist_small_root, tmp_path):
     train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", "c",
-                          "--compile", "--channels-last", "--epochs", "1", "--data.max-train-batches", "2",
+                          "--compile", "--channels-last", "on", "--epochs", "1", "--data.max-train-batches", "2",
                           "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
     saved = load_checkpoint(tmp_path / "c")
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in saved["model"])  # loadable into a plain model
@@ -192,7 +192,7 @@ def test_class_weighted_loss_uses_train_counts(tmp_path, fmnist_small_root):
 def test_cuda_amp_paths(precision, fmnist_small_root, tmp_path):
     """On a GPU: autocast fp16 with a working GradScaler (state saved) or bf16, channels_last, fast path."""
     result = train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", precision,
-                                   "--device", "cuda", "--precision", precision, "--channels-last", "--data.fast-path",
+                                   "--device", "cuda", "--precision", precision, "--channels-last", "on", "--data.fast-path",
                                    "--epochs", "2", "--data.batch-size", "16", *FAST]))
     saved = load_checkpoint(tmp_path / precision)
     assert result["step"] == 12 and bool(saved["scaler"]) == (precision == "fp16")

@@ -1,0 +1,168 @@
+"""What the hardware does fast, and the defaults that follow from it: the autocast precision, the memory
+format and the number of DataLoader workers. Every choice comes with the reason, which train.py prints
+in its start-up line and writes to config.json, so a speed figure can be traced to its machine.
+
+Why precision cannot be fixed in a preset: bf16 autocast on a CPU is fast only where the CPU has native
+bf16 instructions (avx512_bf16 or AMX). Elsewhere PyTorch emulates bf16, and training is about 10x
+slower than fp32. Measured with the fashion-mnist preset (small_resnet, 28 px, batch 128), one training
+step, median of 3: on a 2-core AMD EPYC with AVX2 only, 20-22 img/s in bf16 against 212-261 in fp32; on
+a 2-core Xeon with AMX, 717 bf16 against 349 fp32 (with channels_last; 2.1x the other way).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+EMULATED_BF16_COST = (
+    "about 10x slower than fp32 (measured: 20-22 vs 212-261 img/s, fashion-mnist preset, 2-core AVX2 CPU)"
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A resolved setting and the reason for it, both recorded in config.json."""
+
+    value: object
+    reason: str
+    warn: bool = False  # a choice the user asked for that is known to be slow here
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags, lower case: PyTorch's own reading (torch.cpu.get_capabilities,
+    in recent releases) where it exists, else the `flags` line of /proc/cpuinfo (Linux), else none."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        return {name.lower() for name, present in get_capabilities().items() if present is True}
+    if CPUINFO.exists():
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def onednn_bf16_enabled() -> bool:
+    """Whether oneDNN will run bf16 kernels on this CPU. False when ONEDNN_MAX_CPU_ISA caps it below
+    AVX-512 (then even a CPU with AMX runs bf16 the slow way) or when PyTorch was built without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_native_bf16() -> Choice:
+    """Choice(True/False, why): does this CPU run bf16 autocast natively?"""
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags()]
+    if not native:
+        return Choice(False, "the CPU has no avx512_bf16 or amx_bf16, so bf16 would be emulated")
+    if not onednn_bf16_enabled():
+        return Choice(
+            False,
+            f"the CPU has {'/'.join(native)} but oneDNN's bf16 kernels are off (ONEDNN_MAX_CPU_ISA?)",
+        )
+    return Choice(True, f"the CPU has native bf16 ({'/'.join(native)})")
+
+
+def resolve_precision(requested: str, device: torch.device) -> Choice:
+    """The autocast precision to train with. 'auto': on CUDA, bf16 from compute capability 8.0 (Ampere)
+    on, else fp16 with the GradScaler; on a CPU, bf16 where it is native, else fp32; fp32 elsewhere.
+    An explicit precision is kept as asked, with its cost in the reason when it is known to be slow."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        has_bf16 = major >= 8
+        if requested == "auto":
+            if has_bf16:
+                return Choice("bf16", f"auto: CUDA compute capability {major}.{minor} >= 8.0 runs bf16")
+            return Choice("fp16", f"auto: CUDA compute capability {major}.{minor} < 8.0: no fast bf16")
+        if requested == "bf16" and not has_bf16:
+            return Choice(
+                "bf16",
+                f"asked, but compute capability {major}.{minor} < 8.0 emulates bf16 (slow); use fp16",
+                warn=True,
+            )
+        return Choice(requested, "asked")
+    if device.type == "cpu":
+        native = cpu_native_bf16()
+        if requested == "auto":
+            return Choice("bf16" if native.value else "fp32", f"auto: {native.reason}")
+        if requested == "bf16" and not native.value:
+            return Choice(
+                "bf16",
+                f"asked, but {native.reason}: {EMULATED_BF16_COST}; use --precision auto or fp32",
+                warn=True,
+            )
+        return Choice(requested, "asked")
+    if requested == "auto":
+        return Choice("fp32", f"auto: fp32 on {device.type}")
+    return Choice(requested, "asked")
+
+
+def resolve_channels_last(requested: str, device: torch.device, precision: str) -> Choice:
+    """channels_last (True/False) for the model and the images, from 'on', 'off' or 'auto': on for CPUs, where oneDNN's convolutions
+    prefer it in fp32 and bf16 alike (measured, 2-core CPUs, training step, batch 128: small_resnet 28 px
+    1.14x in fp32 on both AVX2 and AMX, 1.43x in bf16 on AMX; never slower), and on CUDA with fp16/bf16,
+    where tensor cores want it; off for CUDA fp32, where PyTorch's own guidance sees no consistent gain."""
+    if requested != "auto":
+        return Choice(requested == "on", "asked")
+    if device.type == "cpu":
+        return Choice(True, "auto: oneDNN's CPU convolutions are faster in channels_last")
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return Choice(True, f"auto: CUDA {precision} convolutions use tensor cores in channels_last")
+    return Choice(False, f"auto: {device.type} {precision} gains nothing measured from channels_last")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a container or `taskset` narrows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_num_workers(requested: int | str, processes_per_node: int) -> Choice:
+    """DataLoader workers per process, from a number or 'auto': this process's share of the usable cores, at most
+    4 (past that, workers mostly wait on the training step) and at least 1, so decoding never runs in the
+    training process. More workers than cores only makes the processes take turns."""
+    cores = usable_cores()
+    share = max(1, cores // max(1, processes_per_node))
+    if requested == "auto":
+        return Choice(
+            min(4, share),
+            f"auto: {cores} usable cores / {processes_per_node} process(es) on this node, at most 4",
+        )
+    if requested > share:
+        return Choice(
+            requested,
+            f"asked; more than the {share} cores this process has, so they take turns",
+            warn=True,
+        )
+    return Choice(requested, "asked")
+
+
+def describe() -> dict:
+    """The machine in one dict for config.json: CPU model, cores, native-bf16 flags, GPUs."""
+    flags = cpu_flags()
+    gpus = []
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "cpu": cpu_model(),
+        "usable_cores": usable_cores(),
+        "cpu_native_bf16_flags": [flag for flag in NATIVE_BF16_FLAGS if flag in flags],
+        "onednn_bf16": onednn_bf16_enabled(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "gpus": gpus,
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name ('model name' in /proc/cpuinfo on Linux), or what the platform module says."""
+    if CPUINFO.exists():
+        for line in CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
