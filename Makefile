@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA := data/fashion-mnist
 DEMO_ARGS ?= --preset fashion-mnist --epochs 2 --name demo
 
-.PHONY: venv data demo test lint
+.PHONY: venv data demo demo-steps test lint
 
 venv: $(VENV)/.installed
 
@@ -19,8 +19,15 @@ $(VENV)/.installed: pyproject.toml
 data: venv
 	$(PY) -m classifier.fashion_mnist $(DATA)
 
+# Times everything demo-steps does, venv and data preparation included; no time is printed if a step fails.
+demo:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory demo-steps && \
+	seconds=$$(( $$(date +%s) - start )) && \
+	echo "demo finished in $$((seconds / 60)) min $$((seconds % 60)) s"
+
 # The demo run always starts afresh; train.py itself refuses to overwrite an existing run.
-demo: venv data
+demo-steps: venv data
 	rm -rf runs/demo
 	$(PY) train.py $(DEMO_ARGS)
 	@echo "demo run written to runs/demo/ (metrics.jsonl, checkpoints/, plots/); view: tensorboard --logdir runs"

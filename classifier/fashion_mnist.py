@@ -1,7 +1,8 @@
 """Fashion-MNIST as an ImageFolder: `out/train/<class>/<index>.png` and `out/test/<class>/<index>.png`.
 
-Reads the four IDX files (Debian's dataset-fashion-mnist, FASHION_MNIST_DIR, or a torchvision download)
-and writes 28x28 grayscale PNGs. Splitting train into train/val is data.py's job, not this module's.
+Reads the four IDX files (FASHION_MNIST_DIR, Debian's dataset-fashion-mnist, a torchvision download, or
+failing those Debian's package installed with apt-get: see find_source) and writes 28x28 grayscale PNGs.
+Splitting train into train/val is data.py's job, not this module's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,8 @@ def read_idx(path: Path) -> np.ndarray:
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as err:
         raise ValueError(f"{path}: corrupt gzip data ({err})") from None
-    # Header: two zero bytes, type code 0x08 (uint8), the number of dimensions, then each size as big-endian int32.
+    # Header: two zero bytes, type code 0x08 (uint8), the number of dimensions, then each size as
+    # big-endian int32.
     ndim = raw[3] if len(raw) >= 4 else 0
     if raw[:3] != b"\x00\x00\x08" or ndim == 0 or len(raw) < 4 + 4 * ndim:
         raise ValueError(f"{path}: not a uint8 IDX file (header {raw[:4].hex() or 'empty'})")
@@ -52,34 +55,113 @@ def _idx_path(folder: Path, name: str) -> Path | None:
     return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
 
 
+def has_idx_files(folder: Path) -> bool:
+    """Whether `folder` holds all four IDX files, gzipped or plain."""
+    return all(_idx_path(folder, name) for names in FILES.values() for name in names)
+
+
 def local_source(source: Path | None = None) -> Path | None:
-    """The folder with the IDX files: `source`, else $FASHION_MNIST_DIR, else Debian's; None if none has them."""
-
-    def complete(folder: Path) -> bool:
-        return all(_idx_path(folder, name) for names in FILES.values() for name in names)
-
+    """The folder with the IDX files: `source`, else $FASHION_MNIST_DIR, else Debian's; None if none has."""
     # A folder the user named must hold the files: silently using another copy would hide their mistake.
     for named in (source, os.environ.get("FASHION_MNIST_DIR")):
         if named:
-            if not complete(Path(named)):
+            if not has_idx_files(Path(named)):
                 raise SystemExit(f"{named} lacks the Fashion-MNIST IDX files; {HOW_TO_GET}")
             return Path(named)
-    return DEBIAN_DIR if complete(DEBIAN_DIR) else None
+    return DEBIAN_DIR if has_idx_files(DEBIAN_DIR) else None
+
+
+def download(folder: Path) -> Path:
+    """Download the IDX files with torchvision into `folder` (needs a network); return where they are."""
+    from torchvision.datasets import FashionMNIST
+
+    for train in (True, False):
+        FashionMNIST(folder, train=train, download=True)
+    return folder / "FashionMNIST" / "raw"
+
+
+def run_command(command: list[str], echo: bool = True) -> tuple[int, str]:
+    """Run `command`, stderr merged into stdout, echoing it line by line if `echo`; return (status, output).
+
+    The only place this module starts a process, so tests can fake apt-get and sudo here.
+    """
+    lines = []
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",  # apt's translated messages must not crash us under a non-UTF-8 locale
+    ) as process:
+        for line in process.stdout:
+            if echo:
+                print(line, end="", flush=True)
+            lines.append(line)
+    return process.returncode, "".join(lines)
+
+
+def apt_prefix() -> tuple[list[str] | None, str]:
+    """How to run apt-get with root rights: ([], "root"), (["sudo", "-n"], "sudo -n"), or (None, why not)."""
+    if shutil.which("apt-get") is None:
+        return None, "apt-get is not on PATH"
+    if os.geteuid() == 0:
+        return [], "root"
+    if shutil.which("sudo") is None:
+        return None, "not root and sudo is not installed"
+    # -n: fail instead of prompting, so an unattended `make demo` never hangs waiting for a password.
+    status, output = run_command(["sudo", "-n", "true"], echo=False)
+    if status != 0:
+        return None, f"not root and `sudo -n true` failed: {output.strip() or f'exit {status}'}"
+    return ["sudo", "-n"], "sudo -n"
+
+
+def apt_install(prefix: list[str]) -> str | None:
+    """Install Debian's dataset-fashion-mnist, apt-get update first; None, or what failed and its last lines.
+
+    Stops at the first failing command: a failed update would leave install with stale or no package lists.
+    """
+    # `env` sets the variable in the command itself: sudo resets the environment, so it would be lost there.
+    apt_get = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]
+    for args in (["update"], ["install", "-y", "--no-install-recommends", "dataset-fashion-mnist"]):
+        status, output = run_command([*prefix, *apt_get, *args])
+        if status != 0:
+            last_lines = "\n".join(output.strip().splitlines()[-10:])
+            return f"`apt-get {' '.join(args)}` exited with {status}, its last lines:\n{last_lines}\n"
+    return None
 
 
 def find_source(source: Path | None, download_dir: Path) -> Path:
-    """A local folder with the IDX files, or a torchvision download into `download_dir` (needs a network)."""
+    """The folder with the IDX files, trying in this order (the first that has them wins):
+
+    1. `source`, else $FASHION_MNIST_DIR (an error if the folder named lacks the files);
+    2. Debian's files in DEBIAN_DIR;
+    3. a torchvision download into `download_dir`;
+    4. installing Debian's dataset-fashion-mnist with apt-get, as root or through passwordless `sudo -n`,
+       then reading its files in DEBIAN_DIR.
+    """
     found = local_source(source)
     if found:
         return found
     try:
-        from torchvision.datasets import FashionMNIST
-
-        for train in (True, False):
-            FashionMNIST(download_dir, train=train, download=True)
-        return download_dir / "FashionMNIST" / "raw"
+        return download(download_dir)
     except Exception as err:  # offline: URLError, RuntimeError, ... whichever the mirror loop raised last
-        raise SystemExit(f"Fashion-MNIST not found and the download failed ({err}); {HOW_TO_GET}") from None
+        tried = (
+            f"Fashion-MNIST not found in FASHION_MNIST_DIR or {DEBIAN_DIR}, and the download failed ({err})"
+        )
+    prefix, how = apt_prefix()
+    if prefix is None:
+        raise SystemExit(f"{tried}; installing it with apt-get is not possible ({how}); {HOW_TO_GET}")
+    print(f"{tried}; installing Debian's dataset-fashion-mnist with apt-get ({how})", flush=True)
+    failure = apt_install(prefix)
+    if failure:
+        raise SystemExit(
+            f"{tried}; installing it with apt-get ({how}) failed: {failure}Otherwise {HOW_TO_GET}"
+        )
+    if not has_idx_files(DEBIAN_DIR):  # installed, yet not where this module looks (a changed package?)
+        raise SystemExit(
+            f"{tried}; dataset-fashion-mnist is installed but {DEBIAN_DIR} lacks the files; {HOW_TO_GET}"
+        )
+    return DEBIAN_DIR
 
 
 def write_split(folder: Path, split: str, dest: Path, per_class: int | None) -> int:
@@ -100,7 +182,7 @@ def write_split(folder: Path, split: str, dest: Path, per_class: int | None) -> 
 def prepare(
     out: Path, source: Path | None = None, per_class: int | None = None, test_per_class: int | None = None
 ) -> Path:
-    """Write Fashion-MNIST under `out` as `train/` and `test/` ImageFolders (skipped if already done); return `out`."""
+    """Write Fashion-MNIST under `out` as `train/` and `test/` ImageFolders (unless done); return `out`."""
     out, wanted = Path(out), {"per_class": per_class, "test_per_class": test_per_class}
     if any(n is not None and n < 1 for n in wanted.values()):
         raise ValueError(f"per-class counts must be positive, got {wanted}")
