@@ -155,7 +155,7 @@ class TrainConfig:
     """Training epochs."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast dtype. 'auto': bf16 on CUDA from Ampere on (fp16 before it) and on CPUs with native bf16
-    (avx512_bf16/AMX), else fp32: emulated bf16 is ~10x slower than fp32 (classifier/hardware.py).
+    (avx512_bf16/AMX), else fp32: emulated bf16 is 2-12x slower than fp32 (classifier/hardware.py).
     fp16 uses a GradScaler; bf16 needs none. config.json records what 'auto' chose and why."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""

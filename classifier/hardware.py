@@ -3,10 +3,14 @@ format and the number of DataLoader workers. Every choice comes with the reason,
 in its start-up line and writes to config.json, so a speed figure can be traced to its machine.
 
 Why precision cannot be fixed in a preset: bf16 autocast on a CPU is fast only where the CPU has native
-bf16 instructions (avx512_bf16 or AMX). Elsewhere PyTorch emulates bf16, and training is about 10x
-slower than fp32. Measured with the fashion-mnist preset (small_resnet, 28 px, batch 128), one training
-step, median of 3: on a 2-core AMD EPYC with AVX2 only, 20-22 img/s in bf16 against 212-261 in fp32; on
-a 2-core Xeon with AMX, 717 bf16 against 349 fp32 (with channels_last; 2.1x the other way).
+bf16 instructions (avx512_bf16 or AMX). Elsewhere PyTorch emulates bf16, and training is slower than in
+fp32: about 2x where the CPU has AVX-512, about 12x where it has AVX2 only. Measured with
+bench/precision.py (the fashion-mnist preset: small_resnet, 28 px, batch 128, channels_last; training
+step with EMA, median of rounds, fp32 and bf16 taking turns in one run), 2-core machines:
+- Intel Xeon @ 2.60GHz, AVX-512 without avx512_bf16/AMX: 314 img/s fp32, 145 bf16 (0.46x);
+- the same Xeon capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2): 235 fp32, 20 bf16
+  (0.085x), as a 2-core AMD EPYC with AVX2 only measured by hand (212-261 fp32, 20-22 bf16);
+- an Intel Xeon with AMX: 717-959 img/s bf16 against 349-446 fp32 (2.1x the other way).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 EMULATED_BF16_COST = (
-    "about 10x slower than fp32 (measured: 20-22 vs 212-261 img/s, fashion-mnist preset, 2-core AVX2 CPU)"
+    "slower than fp32: measured with the fashion-mnist preset on 2 cores, about 2x on a CPU with AVX-512 "
+    "(145 vs 314 img/s) and 12x with AVX2 only (20 vs 235 img/s)"
 )
 
 

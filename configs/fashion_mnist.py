@@ -13,8 +13,9 @@ training step, batch 128, median of 6, bf16 autocast, channels_last):
 - Native 28 px (no resize): the network's three 2x2 pools need no power of two (28 -> 14 -> 7 -> 3).
 - Precision, channels_last and DataLoader workers are left to 'auto' (classifier/hardware.py), as no
   one choice is right on every CPU: bf16 autocast is 2.1x fp32 for small_resnet where the CPU has native
-  bf16 (959 vs 446 img/s, AMX), and about 10x slower than fp32 where it has not (AVX2 only: 20-22 vs
-  212-261 img/s), so 'auto' takes bf16 only on the former. channels_last is faster on both kinds.
+  bf16 (959 vs 446 img/s, AMX), and slower than fp32 where it has not: 0.46x with AVX-512 (145 vs 314
+  img/s), 0.085x with AVX2 only (20 vs 235; bench/precision.py), so 'auto' takes bf16 only on the former.
+  channels_last is faster on every kind.
 - Mild crops (70-100% of the area) and flips; no RandAugment, erasing or mixing: 8 epochs are too few
   for the model to overfit 57k images, and those slow down what it learns first.
 - AdamW at 2e-3 with 0.3 epochs of warmup and cosine decay; label smoothing 0.1; EMA with a half-life
