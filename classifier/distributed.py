@@ -47,7 +47,10 @@ def setup(device_preference: str) -> tuple[DistInfo, torch.device]:
     device = pick_device(device_preference, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    # On GPUs: NCCL for CUDA tensors and gloo for the few CPU ones (train.py's per-class draw counts): an
+    # NCCL-only group refuses a CPU tensor ("No backend type associated with device type cpu").
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return info, device
 
 
