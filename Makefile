@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data/fashion-mnist
-DEMO_ARGS ?= --preset fashion-mnist --epochs 2 --name demo
+DEMO_ARGS ?= --preset fashion-mnist --epochs 1 --name demo
 
 .PHONY: venv data demo demo-steps test lint
 
