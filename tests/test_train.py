@@ -160,7 +160,10 @@ def test_mixed_precision_paths_run_on_cpu(precision, fmnist_small_root, tmp_path
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
-def test_compile_and_channels_last_save_the_plain_module(fmnist_small_root, tmp_path):
+def test_compile_and_channels_last_save_the_plain_module(fmnist_small_root, tmp_path, monkeypatch):
+    # Inductor's own cache, not the machine's /tmp/torchinductor_$USER: kernels cached there by a run with
+    # ATEN_CPU_CAPABILITY=avx2 crashed (segfault) a later run without it.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", "c",
                           "--compile", "--channels-last", "on", "--epochs", "1", "--data.max-train-batches", "2",
                           "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
