@@ -11,8 +11,8 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,16 +125,19 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint (a file, or a run directory's last one). When it is unreadable and the one it
-    replaced is still there (last.prev.pt), say so and fall back to that one."""
+    replaced is still there (last.prev.pt), say so on stderr and fall back to that one. The file actually
+    read is in the returned dict's "loaded_from", for whatever records where the weights came from."""
     path = find_checkpoint(path)
     try:
-        return read_checkpoint(path)
+        state = read_checkpoint(path)
     except ValueError as err:
         previous = previous_of(path)
         if not previous.is_file():
             raise
-        warnings.warn(f"{err}\nfalling back to the previous checkpoint {previous}", stacklevel=2)
-        return read_checkpoint(previous)
+        print(f"warning: {err}\nwarning: falling back to the previous checkpoint {previous}", file=sys.stderr)
+        state, path = read_checkpoint(previous), previous
+    state["loaded_from"] = str(path.resolve())
+    return state
 
 
 def check_resumed_precision(checkpoint: dict, precision: str, accept_changes: bool) -> None:

@@ -138,15 +138,16 @@ def test_resume_refuses_data_with_other_classes(straight, tmp_path):
     assert proc.returncode != 0 and "missing from the data: ['Bag']" in proc.stderr
 
 
-def test_corrupt_last_checkpoint_falls_back_to_the_previous(straight, tmp_path):
+def test_corrupt_last_checkpoint_falls_back_to_the_previous(straight, tmp_path, capsys):
     import shutil
 
     shutil.copytree(straight, tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     assert ckpt.previous_of(last).is_file()  # the save before the last one was kept
     last.write_bytes(last.read_bytes()[:1000])
-    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
-        assert ckpt.load_checkpoint(tmp_path / "run")["epoch"] == 2
+    fallback = ckpt.load_checkpoint(tmp_path / "run")
+    assert fallback["epoch"] == 2 and fallback["loaded_from"] == str(ckpt.previous_of(last).resolve())
+    assert f"falling back to the previous checkpoint {ckpt.previous_of(last)}" in capsys.readouterr().err
     ckpt.previous_of(last).unlink()
     with pytest.raises(ValueError, match="last.pt"):
         ckpt.load_checkpoint(tmp_path / "run")
