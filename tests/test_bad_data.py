@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_script
-from PIL import Image
+from PIL import Image, ImageOps
 
 from classifier.data import build_splits
 from classifier.images import load_image, scan_images
@@ -20,6 +20,21 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def halves(left: tuple[int, ...], right: tuple[int, ...]) -> np.ndarray:
+    """A 10x10 image array, one colour (of any number of channels) in the left half, another in the right."""
+    left_half, right_half = np.full((10, 5, len(left)), left), np.full((10, 5, len(right)), right)
+    return np.concatenate([left_half, right_half], axis=1).astype(np.uint8)
+
+
+# The EXIF-rotated file's stored pixels: 40 wide, 20 high, red left half, blue right half, a green top-left
+# corner. Rotated 90 degrees clockwise it shows red on top and green top-right: another rotation or a flip
+# would put them elsewhere.
+ROTATED_SOURCE = np.zeros((20, 40, 3), np.uint8)
+ROTATED_SOURCE[:, :20] = (255, 0, 0)
+ROTATED_SOURCE[:, 20:] = (0, 0, 255)
+ROTATED_SOURCE[:8, :8] = (0, 255, 0)
 
 
 def make_battery(root: Path) -> dict[str, Path]:
@@ -35,14 +50,18 @@ def make_battery(root: Path) -> dict[str, Path]:
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "val" / name / "v.png")
     odd = root / "train" / "2"
     Image.fromarray(np.linspace(0, 65535, 64 * 16).astype(np.uint16).reshape(16, 64)).save(odd / "sixteen-bit.png")
-    Image.new("CMYK", (10, 10), (0, 255, 255, 0)).save(odd / "cmyk.jpg")
+    cmyk = halves((0, 255, 255, 0), (255, 255, 0, 0))  # red | blue
+    Image.fromarray(cmyk, mode="CMYK").save(odd / "cmyk.jpg")
     Image.new("RGBA", (10, 10), (255, 0, 0, 128)).save(odd / "rgba.png")
-    Image.new("P", (10, 10), 3).save(odd / "palette.png")
+    palette = Image.fromarray(halves((2,), (5,))[:, :, 0], mode="P")
+    palette.putpalette([0, 0, 0] * 2 + [250, 40, 10] + [0, 0, 0] * 2 + [10, 120, 250])  # 2: orange, 5: blue
+    palette.save(odd / "palette.png")
     Image.new("RGB", (1, 1), (9, 9, 9)).save(odd / "one-pixel.png")
     Image.new("L", (3000, 2000), 128).save(odd / "huge.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
-    Image.new("RGB", (40, 20), (0, 0, 255)).save(odd / "rotated.jpg", exif=exif)
+    # Near-lossless, so that pixels can be compared (chroma subsampling would blur the edges).
+    Image.fromarray(ROTATED_SOURCE).save(odd / "rotated.jpg", exif=exif, quality=100, subsampling=0)
     (odd / "notes.txt").write_text("not an image, ignored by extension")
     (odd / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     os.symlink(odd, odd / "loop")  # a directory symlink to itself
@@ -66,12 +85,23 @@ def test_odd_but_valid_images_load_correctly(tmp_path):
     odd = tmp_path / "train" / "2"
     sixteen = load_image(str(odd / "sixteen-bit.png"))
     assert sixteen.shape == (3, 16, 64) and 0 <= sixteen.min() <= 5 and sixteen.max() >= 250  # rescaled, not clipped to white
-    assert load_image(str(odd / "cmyk.jpg")).shape == (3, 10, 10)
+    cmyk = load_image(str(odd / "cmyk.jpg"))
+    assert cmyk.shape == (3, 10, 10)
+    assert np.abs(cmyk.permute(1, 2, 0).int().numpy() - halves((255, 0, 0), (0, 0, 255))).max() <= 8  # JPEG
     assert load_image(str(odd / "rgba.png"))[:, 0, 0].tolist() == [255, 0, 0]
-    assert load_image(str(odd / "palette.png")).shape == (3, 10, 10)
+    palette = load_image(str(odd / "palette.png"))
+    assert palette.shape == (3, 10, 10)
+    assert np.array_equal(palette.permute(1, 2, 0).numpy(), halves((250, 40, 10), (10, 120, 250)))  # PNG
     assert load_image(str(odd / "one-pixel.png")).tolist() == [[[9]], [[9]], [[9]]]
     assert load_image(str(odd / "huge.png")).shape == (3, 2000, 3000)
-    assert load_image(str(odd / "rotated.jpg")).shape == (3, 40, 20)  # EXIF rotation applied: 40x20 -> 20x40
+    rotated = load_image(str(odd / "rotated.jpg"))
+    assert rotated.shape == (3, 40, 20)  # EXIF rotation applied: 40x20 -> 20x40
+    rotated = rotated.permute(1, 2, 0).numpy()
+    with Image.open(odd / "rotated.jpg") as stored:
+        assert np.array_equal(rotated, np.asarray(ImageOps.exif_transpose(stored).convert("RGB")))
+    assert np.abs(rotated.astype(int) - np.rot90(ROTATED_SOURCE, k=-1)).max() <= 3  # clockwise, by hand
+    assert np.abs(rotated[8:16].astype(int) - (255, 0, 0)).max() <= 3  # the left half went on top...
+    assert np.abs(rotated[:8, -8:].astype(int) - (0, 255, 0)).max() <= 3  # ...and its corner to the right
 
 
 def test_layout_problems_are_named(tmp_path):
@@ -111,3 +141,4 @@ def test_training_stops_early_naming_bad_files_or_skips_them(tmp_path, repo_root
     report = (tmp_path / "runs" / "lenient" / "bad_images.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in report) == sorted(str(p) for p in bad.values())
     assert torch.load(tmp_path / "runs" / "lenient" / "checkpoints" / "last.pt", weights_only=True)["classes"][:2] == ["2", "10"]
+

@@ -92,12 +92,27 @@ def test_expected_classes_are_enforced(tmp_path):
         build_splits(root, 0.5, seed=0, classes=["a", "b", "c"])
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
-def test_any_color_mode_becomes_rgb(tmp_path, mode):
+@pytest.mark.parametrize(
+    "mode, left, right, rgb_left, rgb_right",
+    [
+        ("L", 30, 200, (30, 30, 30), (200, 200, 200)),
+        ("RGBA", (255, 0, 0, 255), (0, 0, 255, 60), (255, 0, 0), (0, 0, 255)),  # alpha dropped, not blended
+        ("P", 0, 1, (250, 40, 10), (10, 120, 250)),  # indices into the palette below
+        ("CMYK", (0, 255, 255, 0), (255, 255, 0, 0), (255, 0, 0), (0, 0, 255)),
+    ],
+)
+def test_any_color_mode_becomes_rgb(tmp_path, mode, left, right, rgb_left, rgb_right):
     path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
-    Image.new(mode, (9, 5)).save(path)
+    picture = Image.new(mode, (9, 5), left)
+    picture.paste(right, (5, 0, 9, 5))  # columns 5-8
+    if mode == "P":
+        picture.putpalette([250, 40, 10, 10, 120, 250])
+    picture.save(path)
     image = load_image(str(path))
     assert image.shape == (3, 5, 9) and image.dtype == torch.uint8
+    tolerance = 8 if mode == "CMYK" else 0  # JPEG is lossy; PNG is exact
+    for columns, rgb in ((image[:, :, :5], rgb_left), (image[:, :, 5:], rgb_right)):
+        assert (columns.int() - torch.tensor(rgb).view(3, 1, 1)).abs().max() <= tolerance, (mode, rgb)
 
 
 def test_unreadable_image_names_the_file(tmp_path):
