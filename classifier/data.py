@@ -112,13 +112,17 @@ def build_splits(root: Path, val_fraction: float, seed: int, classes: list[str] 
     else:
         train, val = stratified_split(train, val_fraction, seed)
     test = list_images(root / "test", class_to_idx) if (root / "test").is_dir() else []
-    empty_train = [classes[c] for c in (class_counts(train, len(classes)) == 0).nonzero().flatten().tolist()]
+    empty_train = classes_without_images(train, classes)
     if empty_train:
         raise ValueError(f"class folders with no training images in {root / 'train'}: {empty_train}")
-    empty_val = [classes[c] for c in (class_counts(val, len(classes)) == 0).nonzero().flatten().tolist()]
+    empty_val = classes_without_images(val, classes)
     if empty_val:
         warnings.warn(f"classes with no validation images: {empty_val}", stacklevel=2)
     return Splits(classes, train, val, test)
+
+
+def classes_without_images(samples: Sequence[Sample], classes: list[str]) -> list[str]:
+    return [classes[c] for c in (class_counts(samples, len(classes)) == 0).nonzero().flatten().tolist()]
 
 
 def without(splits: Splits, bad: set[str]) -> Splits:
@@ -130,18 +134,42 @@ def without(splits: Splits, bad: set[str]) -> Splits:
 def drop_unreadable(splits: Splits, root: Path, *, skip: bool, workers: int, rank: int, world_size: int,
                     report: Path | None, log) -> Splits:
     """Decode every file of every split once (under DDP each rank its share, then merged). Unreadable
-    files stop the run with their names, or with `skip` are left out and listed in `report`."""
+    files stop the run with their names, or with `skip` are left out and listed in `report`. A class
+    that has no training image left then is an error, as in build_splits; a class with no validation
+    image left is a warning, as there (it drops out of balanced accuracy and AUROC)."""
     paths = sorted({p for p, _ in splits.train + splits.val + splits.test})
     bad = distributed.merge_dicts(scan_images(paths[rank::world_size], workers=workers))
-    if bad and not skip:
+    if not bad:
+        return splits
+    if not skip:
         listing = "\n  ".join(f"{p}: {reason}" for p, reason in sorted(bad.items())[:20])
         raise SystemExit(f"error: {len(bad)} unreadable image files under {root}:\n  {listing}\n"
                          "fix or remove them, or pass --data.skip-bad-images to leave them out")
-    if bad:
-        if report is not None:
-            write_report(bad, report)
-        log(f"left out {len(bad)} unreadable images, listed in {report}")
-    return without(splits, set(bad))
+    if report is not None:
+        write_report(bad, report)
+    log(f"left out {len(bad)} unreadable images, listed in {report}")
+    kept = without(splits, set(bad))
+    # `bad` holds every rank's findings, so every rank judges the whole list and all of them stop together.
+    # Unchecked, a class whose training files were all unreadable would train with loss weight 0, unseen.
+    emptied = classes_without_images(kept.train, kept.classes)
+    if emptied:
+        lines = []
+        for name in emptied:
+            files = [p for p, label in splits.train if splits.classes[label] == name]
+            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+            lines.append(f"{name}: {', '.join(files[:5])}{more}")
+        listed = f" (all listed in {report})" if report is not None else ""
+        raise SystemExit(f"error: with the unreadable images left out, these classes under {root} have no "
+                         f"training images{listed}:\n  " + "\n  ".join(lines) + "\nfix or replace those "
+                         "files: --data.skip-bad-images leaves out files, not whole classes")
+    # Validation keeps build_splits's rule, a warning; for the classes this scan emptied (build_splits has
+    # named the others).
+    emptied_val = [name for name in classes_without_images(kept.val, kept.classes)
+                   if name not in classes_without_images(splits.val, splits.classes)]
+    if emptied_val:
+        warnings.warn(f"classes with no validation images once unreadable ones are left out: {emptied_val}",
+                      stacklevel=2)
+    return kept
 
 
 def describe_class_mismatch(expected: list[str], found: list[str], where: Path) -> str:
@@ -330,3 +358,4 @@ def class_table(classes: list[str], counts: dict[str, torch.Tensor]) -> str:
     ratio = train.max().item() / max(1, train[train > 0].min().item()) if int(train.sum()) else float("nan")
     lines.append(f"{len(classes)} classes, imbalance ratio (train, largest/smallest) {ratio:.1f}")
     return "\n".join(lines)
+

@@ -12,7 +12,8 @@ import torch
 from helpers import run_script
 from PIL import Image, ImageOps
 
-from classifier.data import build_splits
+from classifier import distributed
+from classifier.data import build_splits, drop_unreadable
 from classifier.images import load_image, scan_images
 
 
@@ -142,3 +143,65 @@ def test_training_stops_early_naming_bad_files_or_skips_them(tmp_path, repo_root
     assert sorted(line.split("\t")[0] for line in report) == sorted(str(p) for p in bad.values())
     assert torch.load(tmp_path / "runs" / "lenient" / "checkpoints" / "last.pt", weights_only=True)["classes"][:2] == ["2", "10"]
 
+
+def make_tiny_split(root: Path, files: dict[str, bytes | None]) -> None:
+    """root/<split>/<class>/<n>.png for each "split/class/n" key: a small readable PNG for None, else the
+    given (unreadable) bytes."""
+    for key, data in files.items():
+        path = root / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if data is not None else png_bytes(Image.new("RGB", (4, 4), (200, 10, 10))))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_skipping_bad_images_may_not_empty_a_class(tmp_path, monkeypatch, world_size):
+    """Every training file of class "zebra" is unreadable: leaving them out would train a class with no
+    images, so it is an error naming the class and its files. With two ranks each scans half the files (one
+    of zebra's each) and the gather gives every rank both halves' findings."""
+    ant = {"train/ant/0": None, "train/ant/1": None, "train/ant/2": None, "val/ant/0": None}
+    zebra_files = {"train/zebra/0": b"<html>404</html>", "train/zebra/1": b"", "val/zebra/0": None}
+    make_tiny_split(tmp_path, {**ant, **zebra_files})
+    zebra = {str(tmp_path / "train" / "zebra" / f"{i}.png") for i in range(2)}
+    splits = build_splits(tmp_path, 0.1, seed=0)
+    paths = sorted(p for p, _ in splits.train + splits.val)
+    if world_size == 2:  # rank 0's view: its share scanned here, rank 1's arriving through the gather
+        assert len(zebra & set(paths[0::2])) == 1
+
+        def gathered(part: dict) -> dict:
+            return {**part, **scan_images(paths[1::2], workers=1)}
+
+        monkeypatch.setattr(distributed, "merge_dicts", gathered)
+    report = tmp_path / "run" / "bad_images.txt"
+    with pytest.raises(SystemExit, match="zebra") as err:
+        drop_unreadable(
+            splits,
+            tmp_path,
+            skip=True,
+            workers=1,
+            rank=0,
+            world_size=world_size,
+            report=report,
+            log=print,
+        )
+    assert all(path in str(err.value) for path in zebra) and str(report) in str(err.value)
+    assert {line.split("\t")[0] for line in report.read_text().splitlines()} == zebra  # the report is written
+
+
+def test_a_class_left_without_val_images_warns(tmp_path):
+    """The rule of build_splits: a class without validation images warns (it drops out of balanced
+    accuracy and AUROC) and training goes on."""
+    readable = {"train/ant/0": None, "train/zebra/0": None, "val/ant/0": None}
+    make_tiny_split(tmp_path, {**readable, "val/zebra/0": b"<html>404</html>"})
+    splits = build_splits(tmp_path, 0.1, seed=0)
+    with pytest.warns(UserWarning, match="no validation images.*zebra"):
+        kept = drop_unreadable(
+            splits,
+            tmp_path,
+            skip=True,
+            workers=1,
+            rank=0,
+            world_size=1,
+            report=None,
+            log=print,
+        )
+    assert [Path(p).parent.name for p, _ in kept.val] == ["ant"] and len(kept.train) == 2
