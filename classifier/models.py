@@ -80,17 +80,38 @@ def build_model(
     return model
 
 
+# ImageNet's training size, which every torchvision classifier takes: the probe that tells "too small"
+# from any other failure.
+REFERENCE_IMAGE_SIZE = 224
+
+
 def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
     """One forward pass on a blank batch, so an image size the architecture cannot take fails here, with
-    the flag named, rather than as a shape error deep inside the first training step."""
+    the flag named, rather than as a shape error deep inside the first training step. A failure is put
+    down to the size only when the same model runs at REFERENCE_IMAGE_SIZE; any other is reported as it is
+    (PyTorch's own size messages vary by layer and by version, so they are not matched)."""
     was_training = model.training
+    model.eval()
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(2, 3, image_size, image_size))
-    except RuntimeError as err:
-        raise ValueError(f"--data.image-size {image_size} is too small for {name}: {err}") from err
+        error = forward_error(model, image_size)
+        if error is None:
+            return
+        if image_size < REFERENCE_IMAGE_SIZE and forward_error(model, REFERENCE_IMAGE_SIZE) is None:
+            raise ValueError(f"--data.image-size {image_size} is too small for {name}: {error}") from error
+        raise RuntimeError(f"--model {name} fails on a blank batch of --data.image-size {image_size} images: "
+                           f"{error}") from error
     finally:
         model.train(was_training)
+
+
+def forward_error(model: nn.Module, image_size: int) -> RuntimeError | None:
+    """The error a forward pass of two blank image_size x image_size RGB images raises, or None."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, image_size, image_size))
+    except RuntimeError as err:
+        return err
+    return None
 
 
 def head_name(model: nn.Module) -> str:

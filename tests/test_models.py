@@ -7,7 +7,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from classifier.models import build_model, fold_logit_bias, head_name
+from classifier.models import build_model, check_input_size, fold_logit_bias, head_name
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,19 @@ def test_bad_weights_files_are_named(tmp_path):
     torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), wrong)
     with pytest.raises(ValueError, match="does not fit resnet18"):
         build_model("resnet18", 3, pretrained=str(wrong))
+
+
+def test_image_size_errors_say_whether_the_size_is_the_cause():
+    """Too small is reported as such, with the flag; any other failure of the probe as what it is."""
+    small = build_model("small_resnet", 3)  # three 2x2 max-pools: 4 px reaches 0x0
+    with pytest.raises(ValueError, match="--data.image-size 4 is too small for small_resnet"):
+        check_input_size(small, 4, "small_resnet")
+    check_input_size(small, 8, "small_resnet")
+    assert small.training  # the probe leaves the mode as it found it
+    four_channels = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))  # refuses RGB at any size
+    with pytest.raises(RuntimeError, match="expected input.*to have 4 channels") as err:
+        check_input_size(four_channels, 16, "four_channels")
+    assert "too small" not in str(err.value) and "--model four_channels" in str(err.value)
 
 
 @pytest.mark.parametrize("size", [28, 32, 64])
