@@ -1,8 +1,9 @@
 """Build a torchvision classification model by name, with its head sized for the dataset.
 
 Pretrained weights never come from the network at run time: 'DEFAULT' reads torchvision's cache under
-TORCH_HOME, and a path reads a local .pth/.safetensors file. Training, evaluation and export all build
-their model here, so the three can never disagree about the architecture.
+TORCH_HOME, and a path reads a local .pth/.safetensors file (from one of our checkpoints, the weights it
+validated). Training, evaluation and export all build their model here, so the three can never disagree
+about the architecture.
 """
 
 from __future__ import annotations
@@ -54,10 +55,17 @@ LOCAL_MODELS = {"small_resnet": SmallResNet}
 
 
 def build_model(
-    name: str, num_classes: int, *, pretrained: str | None = None, small_input_stem: bool = False, stem_stride: int = 1
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: str | None = None,
+    small_input_stem: bool = False,
+    stem_stride: int = 1,
+    log=print,
 ) -> nn.Module:
     """A torchvision model with `num_classes` outputs. With `pretrained`, the ImageNet (1000-class) weights
-    are loaded first and the head is replaced afterwards: torchvision refuses `num_classes` with weights."""
+    are loaded first and the head is replaced afterwards: torchvision refuses `num_classes` with weights.
+    `log` gets one line saying which weights were loaded."""
     if name in LOCAL_MODELS:
         if pretrained is not None or small_input_stem:
             raise ValueError(f"--model {name} is trained from scratch and is built for small images: no --pretrained, no --small-input-stem")
@@ -68,10 +76,12 @@ def build_model(
         model = torchvision.models.get_model(name, num_classes=num_classes)
     else:
         model = torchvision.models.get_model(name, num_classes=1000)
+        state, source = read_pretrained(name, pretrained)
         try:
-            model.load_state_dict(read_pretrained(name, pretrained))
+            model.load_state_dict(state)
         except RuntimeError as err:  # missing/unexpected keys or shape mismatches
             raise ValueError(f"--pretrained {pretrained} does not fit {name}: {err}") from err
+        log(f"pretrained: {source}")
         replace_head(model, num_classes)
     if small_input_stem:
         use_small_input_stem(model, name, stem_stride)
@@ -157,15 +167,19 @@ def use_small_input_stem(model: nn.Module, name: str, stride: int = 1) -> None:
     model.maxpool = nn.Identity()
 
 
-def read_pretrained(name: str, pretrained: str) -> dict[str, torch.Tensor]:
-    """The ImageNet state dict for `name`: from TORCH_HOME's cache ('DEFAULT') or from a file."""
+def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The ImageNet state dict for `name`, from TORCH_HOME's cache ('DEFAULT') or from a file, and which
+    weights those are, in words. From one of this project's checkpoints, the weights it validated and
+    preferred (the EMA's or the raw model's), as evaluate and export take them."""
+    from classifier.checkpoint import FORMAT, inference_weights  # checkpoint.py imports this module
+
     if pretrained == "DEFAULT":
         weights = torchvision.models.get_model_weights(name).DEFAULT
         filename = os.path.basename(weights.url)
         path = Path(torch.hub.get_dir()) / "checkpoints" / filename
         if not path.is_file():
-            raise FileNotFoundError(
-                f"pretrained weights for {name} not found at {path}.\n"
+            raise SystemExit(
+                f"error: --pretrained DEFAULT: the weights for {name} are not at {path}.\n"
                 f"This trainer never downloads at run time. Download {weights.url}\n"
                 f"and put it there (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}), "
                 f"or pass --pretrained /path/to/{filename}."
@@ -173,16 +187,19 @@ def read_pretrained(name: str, pretrained: str) -> dict[str, torch.Tensor]:
     else:
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"--pretrained file not found: {path}")
+            raise SystemExit(f"error: --pretrained {pretrained}: no such file")
     try:
         if path.suffix == ".safetensors":
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # refuses a file that runs code
     except Exception as err:
         raise ValueError(f"cannot read pretrained weights {path}: {err}") from err
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        state, which = inference_weights(state)
+        return state, f"{'EMA' if which == 'ema' else 'raw'} weights of {path} (the ones validated)"
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a checkpoint of ours, or a common {"model": state_dict} wrapper
+        state = state["model"]  # a common {"model": state_dict} wrapper
     if not isinstance(state, dict):
         raise ValueError(f"pretrained weights {path} do not hold a state dict")
-    return state
+    return state, f"weights of {path}"

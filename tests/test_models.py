@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torchvision
 from safetensors.torch import save_file
+from test_checkpoint import RunsCode
+from torch.optim.swa_utils import AveragedModel
 
+from classifier import checkpoint as ckpt
 from classifier.models import build_model, check_input_size, fold_logit_bias, head_name
 
 
@@ -53,10 +58,11 @@ def test_pretrained_from_a_file(tmp_path, suffix):
 
 def test_pretrained_default_reads_the_torch_home_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(SystemExit) as err:
         build_model("resnet18", 3, pretrained="DEFAULT")
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert str(expected) in str(err.value) and "download" in str(err.value).lower()
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in str(err.value)
     expected.parent.mkdir(parents=True)
     state = imagenet_resnet18_state()
     torch.save(state, expected)
@@ -69,12 +75,44 @@ def test_bad_weights_files_are_named(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="garbage.pth"):
         build_model("resnet18", 3, pretrained=str(garbage))
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        build_model("resnet18", 3, pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(SystemExit, match=f"--pretrained {tmp_path / 'missing.pth'}: no such file"):
+        build_model("resnet18", 3, pretrained=str(tmp_path / "missing.pth"))  # a message, not a traceback
     wrong = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), wrong)
     with pytest.raises(ValueError, match="does not fit resnet18"):
         build_model("resnet18", 3, pretrained=str(wrong))
+
+
+@pytest.mark.parametrize("which", ["ema", "raw"])
+def test_pretrained_from_our_checkpoint_takes_the_validated_weights(tmp_path, which):
+    """A checkpoint written by train.py holds the raw model and its EMA; its "weights" says which of the two
+    validation preferred, and those are the ones to start from, as evaluate and export take them."""
+    model = torchvision.models.mobilenet_v3_small(num_classes=1000)
+    ema = AveragedModel(model, use_buffers=True)
+    with torch.no_grad():
+        for param in ema.module.parameters():
+            param.add_(1.0)  # EMA weights unlike the raw ones
+    path = tmp_path / "best.pt"
+    ckpt.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "weights": which}, path)
+    lines = []
+    loaded = build_model("mobilenet_v3_small", 3, pretrained=str(path), log=lines.append)
+    expected = (ema.module if which == "ema" else model).features[0][0].weight
+    assert torch.equal(loaded.features[0][0].weight, expected)
+    described = "EMA" if which == "ema" else "raw"
+    assert lines == [f"pretrained: {described} weights of {path} (the ones validated)"]
+
+
+def test_a_pretrained_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # RunsCode writes ./PWNED
+    legacy = tmp_path / "evil-legacy.pth"
+    with open(legacy, "wb") as f:
+        pickle.dump({"conv1.weight": RunsCode()}, f, protocol=2)
+    zipped = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": RunsCode()}, zipped)  # torch's own zip format
+    for path in (legacy, zipped):
+        with pytest.raises(ValueError, match=f"cannot read pretrained weights {path}"):
+            build_model("resnet18", 3, pretrained=str(path))
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_image_size_errors_say_whether_the_size_is_the_cause():
