@@ -6,7 +6,10 @@
 
 Writes model.onnx (one file, dynamic batch, input `images`, output `logits`), labels_mapping.json and
 model.safetensors, all carrying the same facts. ONNX Runtime is checked against PyTorch on real validation
-images first; on any disagreement the command exits non-zero and the new files are not left behind.
+images first; on any disagreement the command exits 1 and the new files are not left behind. Data whose
+classes disagree with the model's, or a --data-root that cannot be read, stops the export before anything
+is written; only when no data is known at all (the run's data root is not on this machine and no
+--data-root is given) does it verify on random images, and it says so on stderr and beside its last line.
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ class ExportArgs:
     checkpoint: tyro.conf.Positional[Path]
     """A checkpoint (.pt), a run directory (its checkpoints/last.pt) or a .safetensors with our metadata."""
     out: Path | None = None
-    """Folder for model.onnx, labels_mapping.json and model.safetensors. Default: <checkpoint stem>-export/ beside it."""
+    """Folder for model.onnx, labels_mapping.json and model.safetensors. Default: <stem>-export/ beside the
+    checkpoint actually read (last.prev-export/ when last.pt was unreadable and last.prev.pt was used)."""
     bake_preprocessing: Literal["none", "uint8-nchw", "uint8-nhwc"] = "none"
     """'none': the graph takes normalized float32 NCHW. 'uint8-*': it takes resized, center-cropped uint8 RGB
     pixels in that layout and normalizes inside."""
     data_root: Path | None = None
-    """Images to verify on. Default: the data root the run trained on (its validation split)."""
+    """Images to verify on (its validation split). Default: the data root the run trained on."""
     batch_size: int = 32
     """Verification runs at batch 1 and at this batch size, over this many images."""
     atol: float = 1e-3
@@ -69,7 +73,6 @@ def load_source(path: Path) -> tuple[nn.Module, dict]:
     a run directory or a .safetensors file."""
     if path.suffix == ".safetensors":
         return load_safetensors(path)
-    path = ckpt.find_checkpoint(path)
     state = ckpt.load_checkpoint(path)
     model, weights = ckpt.model_from_checkpoint(state)
     cfg = state["config"]
@@ -81,7 +84,7 @@ def load_source(path: Path) -> tuple[nn.Module, dict]:
         stem_stride=cfg.get("stem_stride", 1),
         logit_adjustment=cfg.get("logit_adjustment", "none"),
         weights=weights,
-        source=str(path.resolve()),
+        source=state["loaded_from"],  # the file read: last.prev.pt when last.pt was unreadable
         data=dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]),
         temperature=state.get("temperature"),  # None: trained before calibration, or last.pt past best's epoch
     )
@@ -105,6 +108,10 @@ def load_safetensors(path: Path) -> tuple[nn.Module, dict]:
         meta.setdefault("small_input_stem", cfg["small_input_stem"])
         meta.setdefault("data", dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]))
     classes = classes_from_mapping(meta)
+    # A missing flag is read as "not fitted", except in train.py's best.safetensors: it never carries the
+    # flag (export.py's files always do, with their `exporter`) and holds a temperature only once
+    # calibration fitted one (classifier/calibration.py store_temperature).
+    fitted = meta.get("temperature_fitted", "exporter" not in meta)
     meta.setdefault("stem_stride", 1)  # files written before the option existed
     model = build_model(meta["model"], len(classes), small_input_stem=meta["small_input_stem"], stem_stride=meta["stem_stride"])
     model.load_state_dict(load_file(path))  # strict: a mismatched architecture fails here, loudly
@@ -118,7 +125,7 @@ def load_safetensors(path: Path) -> tuple[nn.Module, dict]:
         weights=meta.get("weights", "unknown"),
         source=str(path.resolve()),
         data=meta["data"],
-        temperature=meta.get("temperature") if meta.get("temperature_fitted", True) else None,  # an unfitted export says so
+        temperature=meta.get("temperature") if fitted else None,
     )
     return model.eval(), facts
 
@@ -165,19 +172,31 @@ def temperature_facts(temperature: float | None) -> dict:
 # --- which images to verify on -----------------------------------------------------------------------
 
 
-def verification_images(root: Path, classes: list[str], val_fraction: float, seed: int, n: int, size: int):
+def verification_images(root: Path, classes: list[str], val_fraction: float, seed: int, n: int, size: int, *,
+                        root_given: bool):
     """(up to `n` real validation images as uint8 CHW, spread over the classes; a line saying what they
-    are). When the data is unusable: seeded random images instead, and a line starting with NOTE."""
+    are). Data that is there but does not fit the model (other classes, no images) or a --data-root that
+    cannot be read stops the export, as it stops evaluate.py: random images would let an export pass that
+    was never checked against its data. Only when no data is known at all (the run's root is not on this
+    machine and `root_given` is False): seeded random images, and a line starting with NOTE."""
+    if not root_given and not root.exists():
+        generator = torch.Generator().manual_seed(0)
+        images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
+                  for _ in range(n)]
+        return images, (f"NOTE: the run's data root {root} is not on this machine and no --data-root "
+                        f"was given; verifying on {n} SYNTHETIC random images only, real-image parity NOT "
+                        "checked")
+    where = "--data-root" if root_given else "the run's data root"
+    if not root.is_dir():
+        raise SystemExit(f"error: {where} {root} is not a folder; nothing was exported")
     try:
         splits = build_splits(root, val_fraction, seed, classes=classes)
-        samples = splits.val or splits.test or splits.train
-        samples = samples[:: max(1, len(samples) // n)][:n]  # a stride, so the first classes do not take all
-        return [load_image(p) for p, _ in samples], f"verifying on {len(samples)} real images from {root}"
     except (FileNotFoundError, ValueError) as err:
-        generator = torch.Generator().manual_seed(0)
-        images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator) for _ in range(n)]
-        reason = str(err).splitlines()[0]
-        return images, f"NOTE: data unusable ({reason}); verifying on {n} SYNTHETIC random images only, real-image parity NOT checked"
+        message = f"error: refusing to verify the export on {where} {root}; nothing was exported:\n{err}"
+        raise SystemExit(message) from None
+    samples = splits.val or splits.test or splits.train
+    samples = samples[:: max(1, len(samples) // n)][:n]  # a stride, so the first classes do not take all
+    return [load_image(p) for p, _ in samples], f"verifying on {len(samples)} real images from {root}"
 
 
 # --- main --------------------------------------------------------------------------------------------
@@ -188,11 +207,17 @@ def main(args: ExportArgs) -> Path:
     source = Path(facts["source"])
     out = args.out or source.parent / f"{source.stem}-export"
     preprocessing, data = facts["preprocessing"], facts["data"]
-    root = args.data_root or Path(data["root"])
     images, note = verification_images(
-        root, facts["classes"], data["val_fraction"], data["seed"], args.batch_size, preprocessing["resize_shorter_side"]
+        args.data_root or Path(data["root"]),
+        facts["classes"],
+        data["val_fraction"],
+        data["seed"],
+        args.batch_size,
+        preprocessing["resize_shorter_side"],
+        root_given=args.data_root is not None,
     )
-    print(note)
+    synthetic = note.startswith("NOTE")
+    print(note, file=sys.stderr if synthetic else sys.stdout)
     sidecar = build_sidecar(facts, args.bake_preprocessing)
     module = graph_module(model, args.bake_preprocessing, preprocessing)
     to_graph = graph_input_transform(args.bake_preprocessing, preprocessing)
@@ -220,7 +245,8 @@ def main(args: ExportArgs) -> Path:
             atol=args.atol,
         )
         if not passed:
-            raise SystemExit("error: ONNX Runtime disagrees with PyTorch (see above); the export was discarded")
+            raise SystemExit(f"error: ONNX Runtime disagrees with PyTorch on {source}'s export (see above); "
+                             f"the export was discarded, nothing new in {out}")
         temp["labels_mapping.json"].write_text(json.dumps(sidecar, indent=2) + "\n")
         ckpt.save_safetensors(model.state_dict(), temp["model.safetensors"], sidecar)
         for name in names:
@@ -229,7 +255,7 @@ def main(args: ExportArgs) -> Path:
         for path in temp.values():
             path.unlink(missing_ok=True)
 
-    if note.startswith("NOTE"):
+    if synthetic:
         print(note)  # again, beside the success line: easy to miss above the verification table
     size_mb = (out / "model.onnx").stat().st_size / 2**20
     graph_input = sidecar["input"]

@@ -1,4 +1,5 @@
-"""Test helpers shared by the test files: running the project's scripts as subprocesses."""
+"""Test helpers shared by the test files: running the project's scripts as subprocesses, and the exit
+status a script would give."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def run_script(
     print(f"$ python {' '.join(map(str, args))}  (cwd {cwd}, exit {proc.returncode})")
     print(f"--- stdout ---\n{proc.stdout}--- stderr ---\n{proc.stderr}")
     return proc
+
+
+def exit_status(stop: SystemExit) -> int:
+    """The status a script ending in `stop` exits with, by Python's rule: None is 0, an int is itself,
+    anything else (an error message, which Python prints on stderr) is 1."""
+    if stop.code is None:
+        return 0
+    return stop.code if isinstance(stop.code, int) else 1

@@ -4,6 +4,7 @@ sidecar carries the training class order, and a failed verification leaves nothi
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import random
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import REPO_ROOT, run_script
+from helpers import REPO_ROOT, exit_status, run_script
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -23,6 +24,7 @@ import export
 from classifier import checkpoint as ckpt
 from classifier import onnx_export
 from classifier.data import build_splits, eval_resize_crop, eval_transform
+from classifier.fashion_mnist import CLASSES
 from classifier.images import load_image
 
 # SGD: AdamW's step over ResNet18's 11M parameters costs over a second on this CPU; the optimizer is not under test.
@@ -63,6 +65,20 @@ def tiny_fmnist_export(run_dir: Path, base: Path) -> tuple[Path, str]:
     return out, log.read_text()
 
 
+def tiny_fallback_run(run_dir: Path, base: Path) -> Path:
+    """A copy of the tiny run whose last.pt is truncated, so load_checkpoint falls back to last.prev.pt.
+    That one stands in for the save of an epoch past the best one in which the raw weights won: best.pt's
+    state without a temperature and with `weights: raw`, so whoever reads it must take `model`, not `ema`."""
+    checkpoints = base / "tiny-fmnist-fallback" / "run" / "checkpoints"
+    if not (checkpoints / "last.pt").is_file():
+        state = ckpt.read_checkpoint(run_dir / "checkpoints" / "best.pt")
+        earlier = {k: v for k, v in state.items() if k not in ("temperature", "temperature_fit")}
+        ckpt.save_checkpoint({**earlier, "weights": "raw"}, checkpoints / "last.prev.pt", keep_previous=False)
+        # Written last, so the check above sees a finished copy.
+        (checkpoints / "last.pt").write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes()[:1000])
+    return checkpoints.parent
+
+
 @pytest.fixture(scope="session")
 def fmnist_run(fmnist_small_root, tmp_path_factory) -> Path:
     return tiny_fmnist_run(fmnist_small_root, tmp_path_factory.getbasetemp())
@@ -80,11 +96,33 @@ def fmnist_best(fmnist_run) -> tuple[dict, torch.nn.Module]:
     return state, ckpt.model_from_checkpoint(state)[0]
 
 
+@pytest.fixture(scope="session")
+def fallback_run(fmnist_run, tmp_path_factory) -> Path:
+    return tiny_fallback_run(fmnist_run, tmp_path_factory.getbasetemp())
+
+
 def split_images(root: Path, preprocessing: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The test split of `root` as uint8 images and as the normalized batch PyTorch evaluates."""
     paths = sorted((root / "test").rglob("*.png"))
     images = [load_image(str(p)) for p in paths]
     return images, torch.stack([eval_transform(preprocessing)(im) for im in images])
+
+
+def safetensors_metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return onnx_export.decode_metadata(f.metadata())
+
+
+def copy_with_metadata(source: Path, path: Path, metadata: dict) -> Path:
+    """`source`'s weights under `path` with `metadata` instead of its own: the same model, other facts."""
+    ckpt.save_safetensors(load_file(source), path, metadata)
+    return path
+
+
+def good_export_copy(out: Path):
+    """A stand-in for export_onnx that copies the good export in `out` (saves the tracing's seconds where
+    the graph is not what is tested; its weights must be the model's)."""
+    return lambda module, path, example, metadata: shutil.copyfile(out / "model.onnx", path)
 
 
 def test_round_trip_matches_pytorch(fmnist_best, exported, fmnist_small_root):
@@ -93,6 +131,8 @@ def test_round_trip_matches_pytorch(fmnist_best, exported, fmnist_small_root):
     assert stdout.count("top-1 agreement 8/8 (100.0%) | ok") == 2  # batch 1 and batch 8
 
     state, model = fmnist_best
+    # ORT equal to the undivided model shows the logits were not divided by T only when T is not 1.
+    assert abs(state["temperature"] - 1.0) > 0.05
     _, inputs = split_images(fmnist_small_root, state["preprocessing"])
     with torch.no_grad():
         expected = model(inputs).numpy()
@@ -113,7 +153,7 @@ def test_dynamic_batch(exported):
     np.testing.assert_allclose(logits[3], logits[8][:3], atol=1e-5)
 
 
-def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnist_best, exported):
+def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnist_run, fmnist_best, exported):
     out, _ = exported
     assert sorted(p.name for p in out.iterdir()) == ["labels_mapping.json", "model.onnx", "model.safetensors"]
     state, _ = fmnist_best
@@ -123,6 +163,7 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
     assert sidecar["classes_sha256"] == onnx_export.classes_sha256(state["classes"])
     assert sidecar["preprocessing"] == state["preprocessing"]
     assert sidecar["weights"] == "ema" and sidecar["data"]["seed"] == 0
+    assert sidecar["source_checkpoint"] == str((fmnist_run / "checkpoints" / "best.pt").resolve())
     assert sidecar["input"] == {"name": "images", "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, 32, 32]}
     assert sidecar["temperature"] == state["temperature"] and sidecar["temperature_fitted"] is True
     assert "softmax(logits / temperature)" in sidecar["temperature_note"] and "NOT divided" in sidecar["temperature_note"]
@@ -159,6 +200,16 @@ def test_temperature_from_every_source(fmnist_run, fmnist_best, tmp_path):
     assert export.load_source(tmp_path / "old.safetensors")[1]["temperature"] is None
 
 
+def test_a_missing_temperature_flag_reads_as_not_fitted(exported, tmp_path):
+    """export.py always writes temperature_fitted: a file of its own without the flag cannot vouch for the
+    temperature it carries. (train.py's best.safetensors, which never has the flag, is the test above.)"""
+    out, _ = exported
+    metadata = safetensors_metadata(out / "model.safetensors")
+    assert metadata.pop("temperature_fitted") is True and metadata["temperature"] != 1.0
+    unflagged = copy_with_metadata(out / "model.safetensors", tmp_path / "unflagged.safetensors", metadata)
+    assert export.load_source(unflagged)[1]["temperature"] is None
+
+
 @pytest.mark.parametrize("layout", ["uint8-nchw", "uint8-nhwc"])
 def test_baked_module_equals_the_pytorch_pipeline(layout, fmnist_best, fmnist_small_root):
     """The module that gets traced, before any ONNX: raw pixels in, the pipeline's logits out."""
@@ -185,11 +236,16 @@ def test_failed_verification_exits_nonzero_and_leaves_no_model(fmnist_run, expor
 
     monkeypatch.setattr(onnx_export, "run_onnx", broken)
     # The tracing itself is tested above; here a copy of a good export stands in for it (saves seconds).
-    monkeypatch.setattr(export, "export_onnx", lambda module, path, example, metadata: shutil.copyfile(exported[0] / "model.onnx", path))
+    monkeypatch.setattr(export, "export_onnx", good_export_copy(exported[0]))
     with pytest.raises(SystemExit) as failure:
         export.main(export.ExportArgs(fmnist_run, out=out, batch_size=4))
     assert failure.value.code not in (0, None)
     assert "disagrees" in str(failure.value.code)
+    last = (fmnist_run / "checkpoints" / "last.pt").resolve()
+    assert exit_status(failure.value) == 1 and failure.value.code == (
+        f"error: ONNX Runtime disagrees with PyTorch on {last}'s export (see above); "
+        f"the export was discarded, nothing new in {out}"
+    )
     assert capsys.readouterr().out.count("FAILED") == 2
     # Nothing new: no sidecar, no weights, no temp files, and the old model untouched.
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
@@ -198,13 +254,113 @@ def test_failed_verification_exits_nonzero_and_leaves_no_model(fmnist_run, expor
 
 def test_verification_images_real_or_clearly_synthetic(fmnist_small_root, tmp_path):
     classes = build_splits(fmnist_small_root, 0.1, 0).classes
-    images, note = export.verification_images(fmnist_small_root, classes, 0.1, 0, n=5, size=32)
+    images, note = export.verification_images(fmnist_small_root, classes, 0.1, 0, n=5, size=32,
+                                              root_given=False)
     assert len(images) == 5 and note.startswith("verifying on 5 real images")
     assert len({i.sum().item() for i in images}) == 5  # spread over the split, not one image repeated
 
-    images, note = export.verification_images(tmp_path / "gone", classes, 0.1, 0, n=3, size=40)
+    images, note = export.verification_images(tmp_path / "gone", classes, 0.1, 0, n=3, size=40,
+                                              root_given=False)
     assert [tuple(i.shape) for i in images] == [(3, 40, 40)] * 3 and images[0].dtype == torch.uint8
     assert "SYNTHETIC" in note and "NOT checked" in note and "gone" in note
+
+
+def test_a_wrong_graph_fails_on_top1_agreement(fmnist_run, tmp_path, monkeypatch, capsys):
+    """A real export of a model whose head scores each class as the next one: every argmax differs from
+    PyTorch's. --atol is huge, so only the top-1 agreement can fail the verification."""
+
+    def wrong_head(model, input_kind, preprocessing):
+        wrong = copy.deepcopy(model)
+        with torch.no_grad():
+            wrong.fc.weight.copy_(model.fc.weight.roll(1, dims=0))
+            wrong.fc.bias.copy_(model.fc.bias.roll(1, dims=0))
+        return onnx_export.graph_module(wrong, input_kind, preprocessing)
+
+    monkeypatch.setattr(export, "graph_module", wrong_head)
+    out = tmp_path / "deploy"
+    with pytest.raises(SystemExit) as failure:
+        export.main(export.ExportArgs(fmnist_run / "checkpoints" / "best.pt", out=out, batch_size=4,
+                                      atol=1e9))
+    assert exit_status(failure.value) == 1 and "ONNX Runtime disagrees with PyTorch" in failure.value.code
+    assert capsys.readouterr().out.count("top-1 agreement 0/4 (0.0%) | FAILED") == 2  # batch 1 and batch 4
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["given", "given-missing", "recorded"])
+def test_refuses_data_it_cannot_verify_on(case, exported, tmp_path, capsys):
+    """Random images would let such an export pass unchecked: data whose classes are not the model's (at
+    --data-root, or at the run's own root) or a --data-root that is not there stops the export before
+    anything is written."""
+    other = tmp_path / "other"
+    for name in [*CLASSES[:-1], "Hat"]:  # Ankle_boot missing, Hat new
+        (other / "train" / name).mkdir(parents=True)
+    source = exported[0] / "model.safetensors"
+    if case == "recorded":
+        metadata = safetensors_metadata(source)
+        metadata["data"] = {**metadata["data"], "root": str(other)}
+        source = copy_with_metadata(source, tmp_path / "moved.safetensors", metadata)
+    data_root = {"given": other, "given-missing": tmp_path / "gone", "recorded": None}[case]
+    out = tmp_path / "deploy"
+    with pytest.raises(SystemExit) as refused:
+        export.main(export.ExportArgs(source, out=out, data_root=data_root))
+    message = str(refused.value.code)
+    assert exit_status(refused.value) == 1 and "nothing was exported" in message
+    named = {
+        "given": f"--data-root {other};",
+        "given-missing": f"--data-root {tmp_path / 'gone'} is not a folder",
+        "recorded": f"the run's data root {other};",
+    }
+    assert named[case] in message
+    if case != "given-missing":
+        assert "missing from the data: ['Ankle_boot']" in message
+        assert "not in the checkpoint: ['Hat']" in message
+    assert not out.exists() and "verify batch" not in capsys.readouterr().out
+
+
+def test_without_any_data_it_verifies_on_synthetic_images_and_says_so(exported, tmp_path, monkeypatch,
+                                                                      capsys):
+    """The run's data root is not on this machine and no --data-root is given: random images, said on
+    stderr and again on stdout just above the success line."""
+    out, _ = exported
+    metadata = safetensors_metadata(out / "model.safetensors")
+    metadata["data"] = {**metadata["data"], "root": str(tmp_path / "not-on-this-machine")}
+    moved = copy_with_metadata(out / "model.safetensors", tmp_path / "moved.safetensors", metadata)
+    monkeypatch.setattr(export, "export_onnx", good_export_copy(out))
+    export.main(export.ExportArgs(moved, out=tmp_path / "deploy", batch_size=4))
+    printed = capsys.readouterr()
+    assert "4 SYNTHETIC random images" in printed.err and "not-on-this-machine" in printed.err
+    lines = printed.out.splitlines()
+    assert lines[-2] == printed.err.strip()
+    assert lines[-1].startswith(f"wrote {tmp_path / 'deploy'}/model.onnx")
+    assert printed.out.count("top-1 agreement 4/4 (100.0%) | ok") == 2
+
+
+def test_run_directory_exports_the_checkpoint_it_read(fallback_run, fmnist_best, fmnist_small_root, capsys):
+    """A run directory means its last.pt; this one's is truncated, so last.prev.pt is what gets exported, and
+    everything says so: the sidecar's source_checkpoint, the default folder beside it, and the weights it
+    marks as the winners (the raw model's logits, not the EMA's)."""
+    out = export.main(export.ExportArgs(fallback_run, batch_size=4))  # no --out: the default folder
+    previous = fallback_run / "checkpoints" / "last.prev.pt"
+    assert out == previous.parent / "last.prev-export"
+    printed = capsys.readouterr()
+    assert f"falling back to the previous checkpoint {previous}" in printed.err
+    assert printed.out.count("(100.0%) | ok") == 2
+    sidecar = json.loads((out / "labels_mapping.json").read_text())
+    assert sidecar["source_checkpoint"] == str(previous.resolve())
+    assert sidecar["weights"] == "raw" and sidecar["temperature_fitted"] is False
+
+    state, ema_model = fmnist_best
+    raw_model = copy.deepcopy(ema_model)
+    raw_model.load_state_dict(state["model"])
+    saved = load_file(out / "model.safetensors")
+    assert saved.keys() == state["model"].keys()
+    assert all(torch.equal(saved[k], state["model"][k]) for k in saved)
+    _, inputs = split_images(fmnist_small_root, state["preprocessing"])
+    logits = onnx_export.onnx_session(out / "model.onnx").run(None, {"images": inputs.numpy()})[0]
+    with torch.no_grad():
+        raw, ema = raw_model(inputs).numpy(), ema_model(inputs).numpy()
+    np.testing.assert_allclose(logits, raw, atol=1e-4, rtol=0)
+    assert np.abs(raw - ema).max() > 1e-2  # the two differ: matching raw says which weights were taken
 
 
 def test_classes_from_mapping_orders_indices_as_numbers():
@@ -235,19 +391,20 @@ def numeric_run(tmp_path_factory) -> Path:
     return train_tiny_run(root, tmp_path_factory.mktemp("numeric-run"), *flags)
 
 
-@pytest.fixture(scope="session")
-def numeric_export(numeric_run, tmp_path_factory) -> tuple[Path, str]:
+@pytest.fixture(scope="session", params=["uint8-nhwc", "uint8-nchw"])
+def numeric_export(request, numeric_run, tmp_path_factory) -> tuple[Path, str, str]:
     """From train.py's best.safetensors (class order from its metadata, architecture from config.json),
-    with preprocessing baked in for raw NHWC pixels: (folder, what export printed)."""
+    with preprocessing baked in for raw pixels in each layout: (folder, what export printed, layout)."""
     out = tmp_path_factory.mktemp("numeric-export")
-    args = export.ExportArgs(numeric_run / "best.safetensors", out=out, bake_preprocessing="uint8-nhwc", batch_size=6)
+    args = export.ExportArgs(numeric_run / "best.safetensors", out=out, bake_preprocessing=request.param,
+                             batch_size=6)
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         export.main(args)
-    return out, printed.getvalue()
+    return out, printed.getvalue(), request.param
 
 
 def test_numeric_class_names_keep_training_order(numeric_run, numeric_export):
-    out, printed = numeric_export
+    out, printed, _ = numeric_export
     assert "verifying on 6 real images" in printed and printed.count("(100.0%) | ok") == 2
     state = ckpt.load_checkpoint(numeric_run / "checkpoints" / "best.pt")
     assert state["classes"] == ["2", "7", "10"]
@@ -260,17 +417,20 @@ def test_numeric_class_names_keep_training_order(numeric_run, numeric_export):
 
 
 def test_baked_export_takes_raw_pixels(numeric_run, numeric_export):
-    out, _ = numeric_export
+    out, _, layout = numeric_export
+    nhwc = layout == "uint8-nhwc"
     sidecar = json.loads((out / "labels_mapping.json").read_text())
-    assert sidecar["baked_preprocessing"] == "uint8-nhwc"
+    assert sidecar["baked_preprocessing"] == layout
     assert sidecar["input"]["dtype"] == "uint8" == sidecar["preprocessing"]["dtype"]
-    assert sidecar["preprocessing"]["layout"] == "NHWC" and "do NOT normalize" in sidecar["preprocessing"]["scale"]
+    assert sidecar["preprocessing"]["layout"] == ("NHWC" if nhwc else "NCHW")
+    assert "do NOT normalize" in sidecar["preprocessing"]["scale"]
 
     state = ckpt.load_checkpoint(numeric_run)
     model, _ = ckpt.model_from_checkpoint(state)
     images = [load_image(str(p)) for p in sorted((Path(state["config"]["data"]["root"]) / "train").rglob("*.png"))]
     crop = eval_resize_crop(state["preprocessing"])
-    pixels = torch.stack([crop(image).permute(1, 2, 0) for image in images])  # NHWC uint8, as a camera gives
+    # uint8 as a camera gives it, in the layout the graph takes
+    pixels = torch.stack([crop(image).permute(1, 2, 0) if nhwc else crop(image) for image in images])
     logits = onnx_export.onnx_session(out / "model.onnx").run(None, {"images": pixels.numpy()})[0]
     with torch.no_grad():
         expected = model(torch.stack([eval_transform(state["preprocessing"])(im) for im in images])).numpy()
