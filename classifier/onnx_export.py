@@ -125,8 +125,11 @@ def decode_metadata(values: dict[str, str]) -> dict:
 
 def read_onnx_metadata(path: Path) -> dict:
     """The sidecar facts stored in an exported .onnx file (weights are not loaded)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return decode_metadata({p.key: p.value for p in model.metadata_props})
+    return onnx_metadata(onnx.load(str(path), load_external_data=False))
+
+
+def onnx_metadata(proto: onnx.ModelProto) -> dict:
+    return decode_metadata({p.key: p.value for p in proto.metadata_props})
 
 
 def classes_from_mapping(mapping: dict) -> list[str]:
@@ -200,16 +203,50 @@ def verify_onnx(
 
 def read_sidecar(onnx_path: Path) -> dict:
     """The facts of an exported model: labels_mapping.json beside it, else the copy in the ONNX metadata.
-    When both exist they must agree on class order and input handling, or the model is refused."""
-    embedded = read_onnx_metadata(onnx_path)
+    When both exist, every fact they both carry must agree; and whichever is used must describe the graph
+    itself (its input's dtype and shape, its number of classes). Otherwise the model is refused."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    embedded = onnx_metadata(proto)
     beside = Path(onnx_path).parent / "labels_mapping.json"
-    if not beside.is_file():
-        if "idx_to_class" not in embedded:
-            raise ValueError(f"{onnx_path}: no labels_mapping.json beside it and no class mapping in its metadata")
-        return embedded
-    sidecar = json.loads(beside.read_text())
-    keys = ("idx_to_class", "preprocessing", "baked_preprocessing", "input")
-    differ = [key for key in keys if key in embedded and embedded[key] != sidecar.get(key)]
+    if beside.is_file():
+        sidecar, described_by = json.loads(beside.read_text()), beside
+        differ = sorted(key for key in embedded.keys() & sidecar.keys() if embedded[key] != sidecar[key])
+        if differ:
+            raise ValueError(f"{beside} disagrees with the metadata inside {onnx_path} on {differ}: "
+                             "is it another model's?")
+    elif "idx_to_class" in embedded:
+        sidecar, described_by = embedded, "its own metadata"
+    else:
+        raise ValueError(f"{onnx_path}: no labels_mapping.json beside it and no class mapping in its "
+                         "metadata")
+    differ = graph_differences(proto, sidecar)
     if differ:
-        raise ValueError(f"{beside} disagrees with the metadata inside {onnx_path} on {differ}: is it another model's?")
+        raise ValueError(f"{onnx_path} is not the graph {described_by} describes ({'; '.join(differ)}): "
+                         "is it another model's?")
     return sidecar
+
+
+def graph_differences(proto: onnx.ModelProto, sidecar: dict) -> list[str]:
+    """Where the graph disagrees with the sidecar on what it takes and returns: the input's dtype and its
+    shape after the batch axis (the crop and layout that `baked_preprocessing` and `center_crop` make
+    evaluate.py feed), and the number of classes it scores."""
+    spec = input_spec(sidecar.get("baked_preprocessing", "none"), sidecar["preprocessing"]["center_crop"])
+    classes = len(sidecar["idx_to_class"])
+    expected = {"input dtype": spec["dtype"], "input shape": spec["shape"][1:], "classes": classes}
+    inputs = {value.name: value.type.tensor_type for value in proto.graph.input}
+    outputs = {value.name: value.type.tensor_type for value in proto.graph.output}
+    if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
+        return [f"the graph has inputs {list(inputs)} and outputs {list(outputs)}, "
+                f"not {INPUT_NAME!r} and {OUTPUT_NAME!r}"]
+    found = {
+        "input dtype": onnx.helper.tensor_dtype_to_np_dtype(inputs[INPUT_NAME].elem_type).name,
+        "input shape": dims(inputs[INPUT_NAME])[1:],
+        "classes": dims(outputs[OUTPUT_NAME])[-1],
+    }
+    return [f"{key}: graph {found[key]}, sidecar {expected[key]}"
+            for key in expected if found[key] != expected[key]]
+
+
+def dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str]:
+    """A graph value's shape: sizes, and names for the dynamic axes (such as "batch")."""
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor_type.shape.dim]

@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -361,6 +362,50 @@ def test_run_directory_exports_the_checkpoint_it_read(fallback_run, fmnist_best,
         raw, ema = raw_model(inputs).numpy(), ema_model(inputs).numpy()
     np.testing.assert_allclose(logits, raw, atol=1e-4, rtol=0)
     assert np.abs(raw - ema).max() > 1e-2  # the two differ: matching raw says which weights were taken
+
+
+def linked_with_sidecar(folder: Path, onnx_path: Path, sidecar: dict) -> Path:
+    """`onnx_path` linked into `folder` with `sidecar` as the labels_mapping.json beside it."""
+    (folder / "model.onnx").symlink_to(onnx_path)
+    (folder / "labels_mapping.json").write_text(json.dumps(sidecar))
+    return folder / "model.onnx"
+
+
+def test_read_sidecar_refuses_any_fact_that_differs(exported, tmp_path):
+    out, _ = exported
+    sidecar = json.loads((out / "labels_mapping.json").read_text())
+    linked = linked_with_sidecar(tmp_path, out / "model.onnx", sidecar)
+    assert onnx_export.read_sidecar(linked) == sidecar
+    another = {**sidecar, "temperature": 1.0, "weights": "raw"}
+    (tmp_path / "labels_mapping.json").write_text(json.dumps(another))
+    with pytest.raises(ValueError, match=re.escape(f"inside {linked} on ['temperature', 'weights']")):
+        onnx_export.read_sidecar(linked)
+
+
+def test_read_sidecar_checks_the_graph_of_an_onnx_without_metadata(exported, tmp_path):
+    """Nothing embedded to compare with: the graph's own input and output must be what the sidecar says."""
+    out, _ = exported
+    proto = onnx.load(str(out / "model.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    sidecar = json.loads((out / "labels_mapping.json").read_text())
+    bare = linked_with_sidecar(tmp_path, tmp_path / "bare.onnx", sidecar)
+    assert onnx_export.read_sidecar(bare) == sidecar
+
+    nine = {k: v for k, v in sidecar["idx_to_class"].items() if k != "9"}
+    wrong = [
+        ({"num_classes": 9, "idx_to_class": nine}, "classes: graph 10, sidecar 9"),
+        ({"preprocessing": {**sidecar["preprocessing"], "center_crop": 28}},
+         "input shape: graph [3, 32, 32], sidecar [3, 28, 28]"),
+        ({"baked_preprocessing": "uint8-nhwc"}, "input dtype: graph float32, sidecar uint8"),
+    ]
+    for change, complaint in wrong:
+        (tmp_path / "labels_mapping.json").write_text(json.dumps({**sidecar, **change}))
+        with pytest.raises(ValueError, match=re.escape(complaint)):
+            onnx_export.read_sidecar(bare)
+    (tmp_path / "labels_mapping.json").unlink()
+    with pytest.raises(ValueError, match="no labels_mapping.json beside it and no class mapping"):
+        onnx_export.read_sidecar(bare)
 
 
 def test_classes_from_mapping_orders_indices_as_numbers():
