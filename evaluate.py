@@ -8,6 +8,11 @@ images the run validated on; data whose classes disagree with the model's mappin
 metrics.json, confusion matrices (PNG and CSV), per_class.csv (worst first), confused_pairs.csv,
 predictions.csv, errors.png (the most confidently wrong images) and reliability.png (calibration before and
 after the temperature the model carries: softmax(logits / T), fitted by train.py on the val split).
+
+predictions.csv has both confidences of the predicted class: `confidence` is softmax(logits), as the
+model's logits give it (what errors.png shows), and `confidence_calibrated` is softmax(logits / T) with
+the model's fitted T (equal to `confidence` when none was fitted). metrics.json's `model` names the file
+whose weights were read: last.prev.pt when a run directory's last.pt was unreadable.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ class EvalArgs:
     split: Literal["val", "test"] = "val"
     """`val` is the run's own validation split (same seed and fraction); `test` is DATA_ROOT/test."""
     out: Path | None = None
-    """Report folder. Default: <model stem>-eval-<split>/ beside the model file."""
+    """Report folder. Default: <stem>-eval-<split>/ beside the model file actually read
+    (last.prev-eval-<split>/ when last.pt was unreadable and last.prev.pt was used)."""
     data: EvalData = field(default_factory=EvalData)
     device: str = "auto"
     """PyTorch checkpoints only: 'auto' (CUDA when available), 'cpu', 'cuda'. ONNX runs on the CPU."""
@@ -80,7 +86,7 @@ class Classifier:
     classes: list[str]
     preprocessing: dict
     data: dict  # root, val_fraction and seed of the run's split
-    source: Path
+    source: Path  # the file whose weights are used (for a checkpoint: the one load_checkpoint read)
     backend: str
     weights: str
     temperature: float | None  # None: none was fitted for these weights (an old run, or last.pt past the best epoch)
@@ -101,9 +107,9 @@ def load_classifier(path: Path, device: str) -> Classifier:
             source=path,
             backend="onnxruntime",
             weights=sidecar.get("weights", "unknown"),
-            temperature=sidecar.get("temperature") if sidecar.get("temperature_fitted", True) else None,
+            # A sidecar that does not say its temperature was fitted is read as not fitted.
+            temperature=sidecar.get("temperature") if sidecar.get("temperature_fitted", False) else None,
         )
-    path = ckpt.find_checkpoint(path)
     state = ckpt.load_checkpoint(path)
     model, weights = ckpt.model_from_checkpoint(state)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -120,7 +126,7 @@ def load_classifier(path: Path, device: str) -> Classifier:
         classes=list(state["classes"]),
         preprocessing=state["preprocessing"],
         data=dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]),
-        source=path,
+        source=Path(state["loaded_from"]),  # last.prev.pt when last.pt was unreadable
         backend="pytorch",
         weights=weights,
         temperature=state.get("temperature"),
@@ -136,7 +142,8 @@ def to_csv(header: list[str], rows: list[list]) -> str:
 
 
 def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """metrics.json and the CSVs: per class (worst first), confused pairs, confusion matrix, predictions."""
+    """metrics.json and the CSVs: per class (worst first), confused pairs, confusion matrix, predictions
+    (with the predicted class's probability before and after dividing the logits by the temperature)."""
     classes = [row["class"] for row in report["per_class"]]
     ckpt.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     ckpt.write_text(out / "per_class.csv", to_csv(
@@ -152,10 +159,14 @@ def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, l
         ["true \\ predicted", *classes], [[name, *row] for name, row in zip(classes, report["confusion"], strict=True)]
     ))
     confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    # T > 0 keeps the argmax, so the calibrated probability is the same class's.
+    calibrated = (logits / report["temperature"]).softmax(dim=1).max(dim=1).values
+    rows = zip(samples, labels.tolist(), predicted.tolist(), confidence.tolist(), calibrated.tolist(),
+               strict=True)
     ckpt.write_text(out / "predictions.csv", to_csv(
-        ["path", "true", "predicted", "confidence", "correct"],
-        [[path, classes[t], classes[p], f"{c:.4f}", int(t == p)]
-         for (path, _), t, p, c in zip(samples, labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)],
+        ["path", "true", "predicted", "confidence", "confidence_calibrated", "correct"],
+        [[path, classes[t], classes[p], f"{c:.4f}", f"{c_cal:.4f}", int(t == p)]
+         for (path, _), t, p, c, c_cal in rows],
     ))
 
 

@@ -11,12 +11,14 @@ import pytest
 import torch
 from helpers import REPO_ROOT, run_script
 from PIL import Image
-from test_export import tiny_fmnist_export, tiny_fmnist_run
+from test_export import tiny_fallback_run, tiny_fmnist_export, tiny_fmnist_run
 
 import evaluate
 from classifier import checkpoint as ckpt
+from classifier.data import build_splits, eval_transform
 from classifier.evaluation import compute_report, confident_errors, worst_first
 from classifier.fashion_mnist import CLASSES
+from classifier.images import load_image
 
 # Numbers that count images agree exactly; those that use probabilities may differ by float rounding.
 COUNT_METRICS = ("top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy")
@@ -127,6 +129,52 @@ def test_reports_calibration_with_the_checkpoints_temperature(run_and_onnx, chec
     assert old_report["temperature"] == 1.0 and old_report["temperature_fitted"] is False
     assert old_report["ece_calibrated"] == old_report["ece"] == pytest.approx(report["ece"], abs=1e-6)
     assert (tmp_path / "old-eval-val" / "reliability.png").is_file()
+    old_predictions = read_csv(tmp_path / "old-eval-val" / "predictions.csv")
+    assert all(row["confidence_calibrated"] == row["confidence"] for row in old_predictions)
+
+
+def test_predictions_give_the_confidence_before_and_after_the_temperature(run_and_onnx, checkpoint_report):
+    run_dir, _ = run_and_onnx
+    best = ckpt.load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    temperature = best["temperature"]
+    assert abs(temperature - 1.0) > 0.05  # else the two columns could not differ
+    model, _ = ckpt.model_from_checkpoint(best)
+    data = best["config"]["data"]
+    samples = build_splits(Path(data["root"]), data["val_fraction"], best["config"]["seed"]).val
+    to_model = eval_transform(best["preprocessing"])
+    with torch.no_grad():
+        logits = model(torch.stack([to_model(load_image(path)) for path, _ in samples]))
+
+    rows = read_csv(checkpoint_report / "predictions.csv")
+    assert [row["path"] for row in rows] == [path for path, _ in samples]
+    for row, image_logits in zip(rows, logits.double(), strict=True):
+        for column, t in (("confidence", 1.0), ("confidence_calibrated", temperature)):
+            scaled = (image_logits / t).exp()  # softmax by hand: exp(z / T) / sum(exp(z / T)), top class
+            assert float(row[column]) == pytest.approx((scaled.max() / scaled.sum()).item(), abs=1e-4), column
+    assert any(row["confidence"] != row["confidence_calibrated"] for row in rows)
+
+
+def test_report_names_the_checkpoint_that_was_read(run_and_onnx, tmp_path_factory, capsys):
+    """A run directory whose last.pt is truncated: load_checkpoint reads last.prev.pt (raw weights, no T),
+    and the report says so, in its `model` and in its default folder beside that file."""
+    run_dir, _ = run_and_onnx
+    fallback = tiny_fallback_run(run_dir, tmp_path_factory.getbasetemp())
+    report = evaluate.main(evaluate.EvalArgs(fallback, split="val", errors=4))
+    previous = fallback / "checkpoints" / "last.prev.pt"
+    assert f"falling back to the previous checkpoint {previous}" in capsys.readouterr().err
+    assert report["model"] == str(previous.resolve())
+    assert report["weights"] == "raw" and report["temperature_fitted"] is False
+    written = json.loads((previous.parent / "last.prev-eval-val" / "metrics.json").read_text())
+    assert written["model"] == report["model"]
+
+
+def test_onnx_sidecar_without_the_temperature_flag_is_read_as_not_fitted(run_and_onnx, tmp_path):
+    _, onnx_path = run_and_onnx
+    sidecar = json.loads((onnx_path.parent / "labels_mapping.json").read_text())
+    assert sidecar.pop("temperature_fitted") is True and sidecar["temperature"] != 1.0
+    (tmp_path / "labels_mapping.json").write_text(json.dumps(sidecar))
+    (tmp_path / "model.onnx").symlink_to(onnx_path)
+    assert evaluate.load_classifier(tmp_path / "model.onnx", "cpu").temperature is None
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "onnx"])
