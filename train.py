@@ -17,7 +17,7 @@ import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from classifier.data import (
 from classifier.debugging import overfit_one_batch
 from classifier.ema import build_ema, decay_per_step
 from classifier.fastdata import make_tensor_loaders
-from classifier.faults import NonFiniteWatch, StopRequest
+from classifier.faults import NonFiniteWatch, StopRequest, shutdown_workers
 from classifier.imbalance import inverse_frequency_weights, logit_bias, rarest_classes, sampler_weights
 from classifier.losses import BatchMixer, build_criterion
 from classifier.metrics import build_train_metrics, build_val_metrics, evaluate
@@ -61,16 +61,20 @@ from classifier.selection import pick_weights, rare_recall_text, update_best
 
 
 def main(cfg: TrainConfig) -> dict:
-    """Train with `cfg`. SIGINT/SIGTERM stop the run cleanly (see classifier/faults.py) while it runs."""
+    """Train with `cfg`. SIGINT/SIGTERM stop the run cleanly (see classifier/faults.py) while it runs.
+
+    Whichever way train() leaves (done, an error, a NaN stop, a signal), `on_exit` first shuts down the
+    data loaders' worker processes (faults.shutdown_workers says why that cannot wait for exit)."""
     stop = StopRequest().install()
     try:
-        return train(cfg, stop)
+        with ExitStack() as on_exit:
+            return train(cfg, stop, on_exit)
     finally:
         stop.uninstall()
         distributed.teardown()
 
 
-def train(cfg: TrainConfig, stop: StopRequest) -> dict:
+def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     # --- set-up --------------------------------------------------------------------------------------
     dist_info, device = distributed.setup(cfg.device)
     resumed = ckpt.load_checkpoint(cfg.resume) if cfg.resume is not None else None
@@ -131,6 +135,8 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     else:
         train_loader = make_loader(train_set, train_sampler, drop_last=True, **loader_args)
         val_loader = make_loader(val_set, val_sampler, drop_last=False, **loader_args)
+    on_exit.callback(shutdown_workers, train_loader)
+    on_exit.callback(shutdown_workers, val_loader)
 
     # Derived once, never written back into cfg.
     accum = cfg.optim.grad_accum_steps
@@ -150,8 +156,14 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
     global_batch = d.batch_size * world * accum
 
     # --- model, loss, optimizer, precision -----------------------------------------------------------
-    model = build_model(cfg.model, num_classes, pretrained=cfg.pretrained, small_input_stem=cfg.small_input_stem,
-                        stem_stride=cfg.stem_stride)
+    model = build_model(
+        cfg.model,
+        num_classes,
+        pretrained=cfg.pretrained,
+        small_input_stem=cfg.small_input_stem,
+        stem_stride=cfg.stem_stride,
+        log=log.print,  # the "pretrained: ..." line, from rank 0 only
+    )
     check_input_size(model, d.image_size, cfg.model)
     memory_format = torch.channels_last if channels_last.value else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -236,12 +248,22 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                     logit_bias=adjust.tolist() if adjust is not None else None, precision=precision.value)
 
     watch = NonFiniteWatch(device)
-    skipped_nonfinite = 0
+    skipped_nonfinite = 0  # --nonfinite-loss skip: batches left out
+    scaler_skipped = 0  # fp16: optimizer steps the GradScaler skipped on overflowing gradients
 
     def stop_if_nonfinite() -> None:
-        """A sync point. Called before anything is saved, so NaN weights never reach a checkpoint."""
+        """A sync point. Called before anything is saved, so NaN weights never reach a checkpoint: a NaN
+        loss stops here, and so do weights or BatchNorm statistics that became NaN/inf otherwise (a
+        finite loss followed by an exploding step, say)."""
         bad = watch.first()
         if bad is None:
+            broken = ckpt.nonfinite_tensors(model.state_dict(), ema.state_dict() if ema is not None else {})
+            if broken:
+                raise SystemExit(
+                    f"error: after step {step} the weights hold NaN/inf ({', '.join(broken[:5])}"
+                    f"{', ...' if len(broken) > 5 else ''}); they were not saved, the last checkpoint is "
+                    "from before. Lower --optim.lr or set --optim.clip-grad-norm."
+                )
             return
         bad_epoch, bad_batch = bad
         paths = [splits.train[i][0] for r in range(world) for i in train_sampler.batch_indices(bad_batch, d.batch_size, rank=r)]
@@ -288,7 +310,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                     train_metrics["loss"].update(loss.detach().float(), weight=len(labels))
                     # Mixed batches: top-1 against the soft target's argmax (the larger share of the mix).
                     train_metrics["top1"].update(logits.detach(), targets.argmax(dim=1) if mixer.enabled else labels)
-            if cfg.nonfinite_loss == "stop" and precision.value != "fp16":  # fp16: the GradScaler skips such steps
+            if cfg.nonfinite_loss == "stop":  # every precision: the forward poisoned BatchNorm either way
                 watch.update(loss, epoch, batches_done - 1)
             images_since_tick += len(labels)
             bar.update(1)
@@ -302,8 +324,13 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             if o.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad_norm)
-            scaler.step(optimizer)  # under fp16, skipped when the gradients hold inf/NaN
+            # fp16: the scaler skips the step when the scaled gradients overflowed (the loss was finite),
+            # and halves its scale; expected now and then, so it is counted, not stopped on.
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)
             scaler.update()
+            if scale is not None and scaler.get_scale() < scale:
+                scaler_skipped += 1
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update_parameters(model)
@@ -315,10 +342,13 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                 rate = images_since_tick * world / (time.perf_counter() - tick)
                 tick, images_since_tick = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}")
+                skips = [f"{skipped_nonfinite} non-finite batches skipped"] if skipped_nonfinite else []
+                skips += [f"{scaler_skipped} steps skipped by the fp16 GradScaler"] if scaler_skipped else []
                 if not cfg.progress:
                     log.print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                              f"{rate:.0f} img/s" + (f" | {skipped_nonfinite} non-finite batches skipped" if skipped_nonfinite else ""))
-                log.scalars(step, {"loss": loss_value, "lr": lr, "images_per_s": rate, "skipped_nonfinite": skipped_nonfinite}, prefix="train/")
+                              + " | ".join([f"{rate:.0f} img/s", *skips]))
+                counters = {"skipped_nonfinite": skipped_nonfinite, "scaler_skipped_steps": scaler_skipped}
+                log.scalars(step, {"loss": loss_value, "lr": lr, "images_per_s": rate, **counters}, prefix="train/")
             stopping = stop.requested(device)  # a signal: save where we are and leave
             if stopping or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 stop_if_nonfinite()
@@ -355,6 +385,7 @@ def train(cfg: TrainConfig, stop: StopRequest) -> dict:
                   f" macro-F1 {val['macro_f1']:.4f}{versus}{rare_recall_text(val['per_class_acc'], classes, rare)}"
                   f" | best {cfg.select_metric} {best['value']:.4f} (epoch {best['epoch']})")
         log.epoch({"epoch": epoch, "step": step, "lr": lr, "train": train, "val": val, "weights": weights_used, "drawn_per_class": drawn.tolist(),
+                   "skipped_nonfinite_batches": skipped_nonfinite, "scaler_skipped_steps": scaler_skipped,
                    "val_by_weights": {w: {k: r[k] for k in ("top1", "macro_f1", "balanced_accuracy", "loss")} for w, r in results.items()}})
         log.scalars(step, {k: v for k, v in train.items()}, prefix="train_epoch/")
         log.scalars(step, {k: v for k, v in val.items() if not isinstance(v, list)}, prefix="val/")

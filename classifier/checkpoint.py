@@ -224,3 +224,12 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def nonfinite_tensors(*state_dicts: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf, across `state_dicts`. One host sync."""
+    named = [(name, t) for sd in state_dicts for name, t in sd.items() if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]

@@ -72,3 +72,14 @@ def ignore_signals_in_worker(worker_id: int) -> None:
     react; a worker that dies of it would turn a clean stop into a 'worker exited unexpectedly' crash."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a DataLoader's persistent worker processes now rather than at garbage collection. Needed
+    because the workers ignore SIGTERM (above): at interpreter exit, multiprocessing terminates and then
+    joins them, and a worker that ignores the termination is waited for forever. PyTorch has no public
+    call for this: a persistent loader keeps its live iterator in `_iterator`, whose `_shutdown_workers`
+    is what the iterator's own __del__ runs. A loader without workers (or not yet iterated) has none."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()

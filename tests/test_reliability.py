@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -41,9 +42,10 @@ def straight(fmnist_small_root, tmp_path_factory):
     return out / "ref"
 
 
-def start(args, **kw):
+def start(args, command=("train.py",), **kw):
+    """train.py (or another script) with `args`, in a process whose output (stdout and stderr) is piped."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=REPO_ROOT, env=env, text=True,
+    return subprocess.Popen([sys.executable, *map(str, command), *map(str, args)], cwd=REPO_ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
@@ -180,19 +182,40 @@ def test_nan_loss_stops_and_names_the_batch(fmnist_small_root, tmp_path):
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()  # nothing NaN was saved
 
 
-def test_nan_loss_can_be_skipped(fmnist_small_root, tmp_path, monkeypatch):
+def poison_first_training_image(monkeypatch) -> list[str]:
+    """Make training image 0 all NaN (regular path, main-process loading). Returns the list its file's
+    path is appended to each time it is served."""
     from classifier.data import ImageDataset
 
     real_getitem = ImageDataset.__getitem__
+    served = []
 
     def poisoned(self, key):
         image, label = real_getitem(self, key)
-        index = key[0] if isinstance(key, tuple) else key
-        return (torch.full_like(image, float("nan")) if index == 0 and isinstance(key, tuple) else image), label
+        if isinstance(key, tuple) and key[0] == 0:  # a training draw (the val loader passes plain indices)
+            served.append(self.samples[0][0])
+            return torch.full_like(image, float("nan")), label
+        return image, label
 
     monkeypatch.setattr(ImageDataset, "__getitem__", poisoned)
+    return served
+
+
+def finite_checkpoints(run_dir: Path) -> list[str]:
+    """Every checkpoint file of the run, each checked to hold only finite model and EMA tensors."""
+    files = sorted((run_dir / "checkpoints").glob("*.pt"))
+    for path in files:
+        state = ckpt.read_checkpoint(path)
+        assert not ckpt.nonfinite_tensors(state["model"], state["ema"] or {}), path
+    return [path.name for path in files]
+
+
+def test_nan_loss_can_be_skipped(fmnist_small_root, tmp_path, monkeypatch):
+    served = poison_first_training_image(monkeypatch)
     result = train.main(parse_cli(small_args(fmnist_small_root, tmp_path, "skip", "--epochs", "2", "--nonfinite-loss", "skip",
                                              "--log-every-steps", "1")))
+    records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert len(served) >= 1 and records[-1]["skipped_nonfinite_batches"] == len(served)  # each NaN draw skipped
     saved = ckpt.load_checkpoint(tmp_path / "skip")
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     assert result["step"] == 26
@@ -248,3 +271,77 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
         proc = run_script(command, cwd=REPO_ROOT)
         assert proc.returncode != 0 and "cannot load checkpoint" in proc.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_fp16_nan_forward_stops_and_saves_nothing_nonfinite(fmnist_small_root, tmp_path, monkeypatch):
+    """fp16: the GradScaler skips the optimizer step of a NaN batch, but the forward has already put NaN
+    into BatchNorm's running statistics, so the run must stop as under fp32."""
+    served = poison_first_training_image(monkeypatch)
+    args = small_args(fmnist_small_root, tmp_path, "f16", "--epochs", "2", "--precision", "fp16",
+                      "--checkpoint-every-steps", "1", "--log-every-steps", "4")
+    with pytest.raises(SystemExit, match=r"the loss became NaN/inf in epoch \d, batch"):
+        train.main(parse_cli(args))
+    listed = (tmp_path / "f16" / "nonfinite_batch.txt").read_text().split()
+    assert served[0] in listed and len(listed) == 8
+    assert finite_checkpoints(tmp_path / "f16") != []  # saves before the NaN batch, none after it
+
+
+def test_fp16_scaler_skipped_steps_are_counted_not_stopped_on(fmnist_small_root, tmp_path, monkeypatch):
+    """An overflowing gradient with a finite loss is what the GradScaler is for: it skips that step and
+    lowers its scale, and the run goes on, counting the skipped steps."""
+    real_build = train.build_model
+    backward_calls = []
+
+    def build_with_one_overflow(*args, **kw):
+        model = real_build(*args, **kw)
+        first = next(model.parameters())
+        def third_overflows(grad):  # the third backward gives this weight an infinite gradient
+            backward_calls.append(1)
+            return grad * float("inf") if len(backward_calls) == 3 else grad
+
+        first.register_hook(third_overflows)  # the loss stays finite
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_with_one_overflow)
+    args = small_args(fmnist_small_root, tmp_path, "f16", "--epochs", "1", "--precision", "fp16", "--log-every-steps", "5")
+    result = train.main(parse_cli(args))
+    record = json.loads((tmp_path / "f16" / "metrics.jsonl").read_text())
+    assert result["step"] == 13 and record["scaler_skipped_steps"] == 1
+    assert ckpt.read_checkpoint(tmp_path / "f16" / "checkpoints" / "last.pt")["scaler"]["scale"] == 2.0**15
+    finite_checkpoints(tmp_path / "f16")
+
+
+FAIL_LATE = """
+import sys
+sys.path.insert(0, {repo!r})
+import train
+from classifier.config import parse_cli
+
+def calibrate_best(*args, **kw):
+    raise RuntimeError("injected failure after the last epoch")
+
+train.calibrate_best = calibrate_best
+train.main(parse_cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("failure", ["exception", "nan-stop"])
+def test_a_failing_run_with_data_workers_exits_at_once(failure, fmnist_small_root, tmp_path):
+    """Every exit path shuts the DataLoader workers down: they ignore signals, and at interpreter exit
+    multiprocessing would wait for them forever."""
+    args = small_args(fmnist_small_root, tmp_path, "w", "--epochs", "1", "--data.num-workers", "2")
+    if failure == "exception":  # late: after training, with both loaders' persistent workers alive
+        script = tmp_path / "fail_late.py"
+        script.write_text(FAIL_LATE.format(repo=str(REPO_ROOT)))
+        proc = start(args, command=[script], start_new_session=True)
+        expected = "injected failure after the last epoch"
+    else:
+        args += ["--optim.optimizer", "sgd", "--optim.lr", "1e5", "--precision", "fp16", "--log-every-steps", "2"]
+        proc = start(args, start_new_session=True)
+        expected = "the loss became NaN/inf"
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"no exit 120 s after start:\n{proc.communicate()[0][-3000:]}") from None
+    assert proc.returncode == 1 and expected in output
