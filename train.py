@@ -16,7 +16,6 @@ import json
 import os
 import random
 import time
-import warnings
 from contextlib import ExitStack, nullcontext
 
 import numpy as np
@@ -86,6 +85,7 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    on_exit.callback(torch.autograd.set_detect_anomaly, torch.is_anomaly_enabled())  # as it was, after
     torch.autograd.set_detect_anomaly(cfg.debug)  # slow; names the op that produced a NaN gradient
     # Hardware-dependent settings: 'auto' resolved for this machine; each choice and its reason is
     # printed here and written to config.json (classifier/hardware.py).
@@ -99,6 +99,7 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         log.print(f"{'warning: ' if choice.warn else ''}{name} {choice.value}: {choice.reason}")
     if resumed is not None:
         ckpt.check_resumed_precision(resumed, precision.value, cfg.accept_config_changes)
+        ckpt.check_resumed_rng(resumed, cfg.accept_config_changes)
 
     # --- data: one class mapping from train/, separate datasets per split ----------------------------
     d = cfg.data
@@ -112,8 +113,13 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
     dataset = fingerprint(splits)
     if resumed is not None and resumed["dataset"] != dataset:
-        warnings.warn(f"the files under {d.root} changed since the checkpoint was written (counts were "
-                      f"{resumed['dataset']['counts']}, now {dataset['counts']})", stacklevel=1)
+        # The samplers index the file list: on other files, the same positions are other images.
+        changed = (f"the files under {d.root} changed since the checkpoint was written (counts were "
+                   f"{resumed['dataset']['counts']}, now {dataset['counts']})")
+        if not cfg.accept_config_changes:
+            raise SystemExit(f"error: {changed}; resumed on them, the run would not continue the interrupted "
+                             "one exactly. Pass --accept-config-changes to continue on the new files.")
+        log.print(f"warning: {changed}; continuing on the new files (--accept-config-changes)")
     log.print(class_table(classes, counts))
     preprocessing = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
     augment = train_transform(d.image_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, d.mean, d.std, d.interpolation,
@@ -234,15 +240,19 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     if cfg.debug:
         images, targets = next(iter(make_loader(train_set, EpochSampler(len(train_set), shuffle=False), **loader_args, drop_last=True)))
         first, last = overfit_one_batch(model, images.to(device), targets.to(device))
-        verdict = "ok" if last < 0.5 * first else "FAILED: the model cannot fit one batch, look for a bug upstream"
+        fitted = last < 0.5 * first
+        verdict = "ok" if fitted else "FAILED: the model cannot fit one batch, look for a bug upstream"
         log.print(f"debug: overfit one batch: loss {first:.3f} -> {last:.3f} in 30 steps: {verdict}")
+        if not fitted and cfg.debug_overfit_failure == "stop":
+            raise SystemExit("error: --debug's overfit-one-batch check failed (above); fix the model or the data, "
+                             "or pass --debug-overfit-failure continue to train anyway")
 
     def state(epoch: int, batches_in_epoch: int, val: dict | None, drawn: torch.Tensor) -> dict:
         """Everything for resume and for inference; plain data, loadable with weights_only=True."""
         return dict(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     train_metrics={n: m.state_dict() for n, m in train_metrics.items()},
-                    epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best, rng=ckpt.rng_state(),
+                    epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best, rng=ckpt.rng_state(device),
                     config=to_dict(cfg), classes=classes, preprocessing=preprocessing, model_name=cfg.model,
                     weights=weights_used, val_metrics=val, drawn=drawn, dataset=dataset,
                     logit_bias=adjust.tolist() if adjust is not None else None, precision=precision.value)

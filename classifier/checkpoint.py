@@ -183,15 +183,34 @@ def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
 # --- RNG state --------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) generator states as plain data."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Python, numpy and torch generator states as plain data; with a CUDA `device`, every CUDA
+    device's generator too (a CPU run does not depend on them, so it does not save them)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if device is not None and device.type == "cuda" else [],
     }
+
+
+def cuda_devices_here() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_resumed_rng(checkpoint: dict, accept_changes: bool) -> None:
+    """The CUDA generators' states can be restored only onto as many CUDA devices as saved them. Refuse a
+    resume that would go on with fresh CUDA streams (another GPU count, or none): it would not repeat the
+    interrupted run. With `accept_changes`, go on; restore_rng then leaves the CUDA generators alone."""
+    saved, here = len(checkpoint["rng"]["cuda"]), cuda_devices_here()
+    if saved == 0 or saved == here or accept_changes:
+        return
+    raise SystemExit(
+        f"error: this run saved the random state of {saved} CUDA devices and this machine has {here}; "
+        "resumed here, it would not continue the interrupted run exactly. Pass --accept-config-changes "
+        "to continue anyway (the CUDA random state is then not restored)."
+    )
 
 
 def restore_rng(state: dict) -> None:
@@ -199,7 +218,7 @@ def restore_rng(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if state["cuda"] and len(state["cuda"]) == cuda_devices_here():  # else refused or accepted (above)
         torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -201,6 +201,9 @@ class TrainConfig:
     saved; 'skip' leaves that batch out of the update and counts it (one sync point per step)."""
     debug: bool = False
     """Main-process data loading, a few batches, anomaly detection, and an overfit-one-batch check."""
+    debug_overfit_failure: Literal["stop", "continue"] = "stop"
+    """--debug: when a copy of the model cannot fit one batch, 'stop' the run (a bug upstream of the
+    optimizer is likely: labels shuffled against images, a frozen layer, a wrong loss) or 'continue'."""
     preset: str | None = None
     """Named preset from configs/ used as the base (`--preset fashion-mnist`); flags after it override it."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -299,7 +302,7 @@ def parse_cli(argv: list[str] | None = None, description: str | None = None) -> 
 
 # Fields a resumed run may change without --accept-config-changes: they do not change the results.
 HARMLESS_ON_RESUME = {"resume", "accept_config_changes", "early_stop_patience", "keep_best", "progress", "log_every_steps", "checkpoint_every_steps", "data.num_workers",
-                      "data.cache_dir"}
+                      "data.cache_dir", "debug_overfit_failure"}
 
 
 def config_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:

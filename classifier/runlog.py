@@ -8,7 +8,6 @@ Only rank 0 writes. Other ranks get a NullLog whose methods do nothing, so the l
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -52,8 +51,9 @@ class RunLog:
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        """Numbers only; NaN and inf are written too (TensorBoard shows them), so a diverging loss is seen."""
         for name, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
+            if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{prefix}{name}", value, step)
 
     def figure(self, tag: str, figure, step: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -345,3 +346,83 @@ def test_a_failing_run_with_data_workers_exits_at_once(failure, fmnist_small_roo
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError(f"no exit 120 s after start:\n{proc.communicate()[0][-3000:]}") from None
     assert proc.returncode == 1 and expected in output
+
+
+def test_resume_on_changed_files_is_refused_unless_accepted(fmnist_small_root, tmp_path):
+    """The samplers index the file list, so the same positions on other files are other images: a resume
+    on changed files (same classes, same root) cannot continue the run exactly and is refused unless
+    accepted."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_small_root, data)
+    train.main(parse_cli(small_args(data, tmp_path, "run", "--epochs", "1", "--data.max-train-batches", "2")))
+    next(iter((data / "train" / "Bag").iterdir())).unlink()
+    refused = run_script(["train.py", "--resume", tmp_path / "run"], cwd=REPO_ROOT)
+    assert refused.returncode != 0
+    assert f"the files under {data} changed since the checkpoint was written" in refused.stderr
+    assert "--accept-config-changes" in refused.stderr
+    accepted = run_script(["train.py", "--resume", tmp_path / "run", "--accept-config-changes"], cwd=REPO_ROOT)
+    assert accepted.returncode == 0 and "continuing on the new files" in accepted.stdout
+
+
+def test_resume_with_another_cuda_device_count_is_refused_unless_accepted(straight, tmp_path):
+    """A checkpoint holding the CUDA generators of 3 devices, resumed where there are not 3: refused, as
+    the CUDA random streams would start afresh; accepted, the run goes on and leaves them alone."""
+    import shutil
+
+    shutil.copytree(straight, tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = ckpt.read_checkpoint(last)
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
+    torch.save(state, last)
+    with pytest.raises(SystemExit, match="saved the random state of 3 CUDA devices and this machine has"):
+        ckpt.check_resumed_rng(ckpt.read_checkpoint(last), accept_changes=False)
+    ckpt.check_resumed_rng(ckpt.read_checkpoint(last), accept_changes=True)
+    proc = run_script(["train.py", "--resume", tmp_path / "run"], cwd=REPO_ROOT)
+    assert proc.returncode != 0 and "3 CUDA devices" in proc.stderr
+
+
+def test_fp16_resume_continues_the_gradscaler(fmnist_small_root, tmp_path, monkeypatch):
+    """CPU fp16 (GradScaler runs on the CPU too): a run cut mid-epoch resumes with the scaler's scale and
+    growth tracker as saved. The saved scaler is set to values a fresh one never has (scale 1024, 7
+    good steps) so that a resume that dropped it would show."""
+    args = small_args(fmnist_small_root, tmp_path, "f16", "--epochs", "2", "--precision", "fp16",
+                      "--checkpoint-every-steps", "5")
+    real_lr_at = train.lr_at
+    calls = []
+
+    def lr_at_then_die(step, **kw):
+        calls.append(step)
+        if len(calls) == 9:  # one call before the loop, then one per step: dies in step 8
+            raise KeyboardInterrupt
+        return real_lr_at(step, **kw)
+
+    monkeypatch.setattr(train, "lr_at", lr_at_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(parse_cli(args))
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    last = tmp_path / "f16" / "checkpoints" / "last.pt"
+    state = ckpt.read_checkpoint(last)
+    assert state["step"] == 5 and state["scaler"]["scale"] == 2.0**16 and state["scaler"]["_growth_tracker"] == 5
+    state["scaler"].update(scale=1024.0, _growth_tracker=7)
+    torch.save(state, last)
+    result = train.main(parse_cli(["--resume", str(tmp_path / "f16")]))
+    scaler = ckpt.read_checkpoint(last)["scaler"]
+    assert result["step"] == 26
+    assert (scaler["scale"], scaler["_growth_tracker"]) == (1024.0, 7 + 26 - 5)  # no overflow in between
+
+
+def test_tensorboard_keeps_nan_and_inf_scalars(tmp_path):
+    """A diverging loss must show in TensorBoard as it does in the log and metrics.jsonl, not vanish."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from classifier.runlog import RunLog
+
+    log = RunLog(tmp_path)
+    log.scalars(1, {"loss": 2.5, "nan": float("nan"), "inf": float("inf"), "not_a_number": "text"}, prefix="train/")
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/inf", "train/loss", "train/nan"]
+    value = lambda tag: events.Scalars(tag)[0].value  # noqa: E731
+    assert value("train/loss") == 2.5 and math.isnan(value("train/nan")) and value("train/inf") == float("inf")

@@ -70,8 +70,9 @@ MIXING = ["--optim.mixup-alpha", "0.4", "--optim.cutmix-alpha", "1.0", "--optim.
 @pytest.mark.parametrize("path", ["regular", "fast", "regular+mixing"])
 def test_interrupted_and_resumed_run_is_bit_identical(path, fmnist_small_root, tmp_path, monkeypatch):
     """Mid-epoch interruption, with gradient accumulation, 2 workers, the weighted sampler, augmentation
-    and EMA: the resumed run must end with exactly the weights of the uninterrupted one, on both the
-    regular (PIL, workers) and the fast (tensor cache, batch augmentation) data path, and with mixing."""
+    and EMA: the run resumed with another worker count (0: loading in the main process) must end with
+    exactly the weights of the uninterrupted one, on both the regular (PIL, workers) and the fast (tensor
+    cache, batch augmentation) data path, and with mixing."""
     # mobilenet_v3_small: it has dropout, so the restored torch RNG state matters too.
     common = ["--model", "mobilenet_v3_small", "--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path),
               "--epochs", "3", "--data.batch-size", "8", "--data.num-workers", "2", "--optim.grad-accum-steps", "2",
@@ -97,7 +98,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(path, fmnist_small_root, t
     cut = load_checkpoint(tmp_path / "cut")
     assert (cut["epoch"], cut["batches_in_epoch"], cut["step"]) == (1, 4, 8)  # the step-8 checkpoint: mid-epoch 1
 
-    resumed = train.main(parse_cli(["--resume", str(tmp_path / "cut")]))
+    resumed = train.main(parse_cli(["--resume", str(tmp_path / "cut"), "--data.num-workers", "0"]))
     assert resumed["step"] == straight["step"] == 18
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "cut")
     for key in ("model", "ema"):
@@ -106,16 +107,52 @@ def test_interrupted_and_resumed_run_is_bit_identical(path, fmnist_small_root, t
         assert not different, f"{key}: {different[:5]}"
     assert a["val_metrics"] == b["val_metrics"]
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for index, state in a["optimizer"]["state"].items():  # every moment of every parameter, and its step
+        assert all(torch.equal(value, b["optimizer"]["state"][index][name]) for name, value in state.items())
     lines = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert lines("straight")[1:] == lines("cut")[1:]  # epoch 1's train numbers survive the interruption too
 
 
-def test_debug_mode_runs_the_overfit_check(fmnist_small_root, tmp_path, repo_root):
-    proc = run_script(["train.py", "--debug", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--epochs", "1",
-                       "--data.batch-size", "8", *FAST], cwd=repo_root)
-    assert proc.returncode == 0
-    assert "debug: overfit one batch: loss" in proc.stdout and ": ok" in proc.stdout
-    assert "5 steps/epoch" in proc.stdout  # a handful of batches
+def test_debug_mode_runs_the_overfit_check(fmnist_small_root, tmp_path, monkeypatch, capsys):
+    """--debug: loaders in the main process, anomaly detection on while training (and off again after),
+    a handful of batches, and the overfit check on a copy that leaves the model untouched."""
+    seen = {"workers": [], "anomaly": []}
+    real_make_loader, real_overfit = train.make_loader, train.overfit_one_batch
+
+    def make_loader(*args, **kw):
+        seen["workers"].append(kw["num_workers"])
+        return real_make_loader(*args, **kw)
+
+    def overfit_one_batch(model, images, labels):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        seen["anomaly"].append(torch.is_anomaly_enabled())
+        result = real_overfit(model, images, labels)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was trained
+        return result
+
+    monkeypatch.setattr(train, "make_loader", make_loader)
+    monkeypatch.setattr(train, "overfit_one_batch", overfit_one_batch)
+    args = ["--debug", "--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--epochs", "1",
+            "--data.batch-size", "8", "--data.num-workers", "2", *FAST]
+    result = train.main(parse_cli(args))
+    out = capsys.readouterr().out
+    assert "debug: overfit one batch: loss" in out and ": ok" in out
+    assert "5 steps/epoch" in out and result["step"] == 5  # a handful of batches
+    assert seen["workers"] and set(seen["workers"]) == {0}  # --data.num-workers 2 overridden
+    assert seen["anomaly"] == [True] and not torch.is_anomaly_enabled()
+
+
+def test_a_failed_overfit_check_stops_the_run_unless_told_to_continue(fmnist_small_root, tmp_path, monkeypatch):
+    cannot_learn = lambda model, images, labels: (2.30, 2.25)  # noqa: E731  first and last loss
+    monkeypatch.setattr(train, "overfit_one_batch", cannot_learn)
+    args = ["--debug", "--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--epochs", "1",
+            "--data.batch-size", "8", *FAST]
+    with pytest.raises(SystemExit, match="overfit-one-batch check failed"):
+        train.main(parse_cli([*args, "--name", "stop"]))
+    assert not list((tmp_path / "stop" / "checkpoints").glob("*.pt"))  # stopped before the first step
+    result = train.main(parse_cli([*args, "--name", "go", "--debug-overfit-failure", "continue"]))
+    assert result["step"] == 5
 
 
 @pytest.mark.parametrize(
