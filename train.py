@@ -103,7 +103,10 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
 
     # --- data: one class mapping from train/, separate datasets per split ----------------------------
     d = cfg.data
-    splits = build_splits(d.root, d.val_fraction, cfg.seed, classes=resumed["classes"] if resumed else None)
+    try:
+        splits = build_splits(d.root, d.val_fraction, cfg.seed, classes=resumed["classes"] if resumed else None)
+    except (FileNotFoundError, ValueError) as err:  # each names the root, folder or class at fault
+        raise SystemExit(f"error: {err}") from None
     classes, num_classes = splits.classes, len(splits.classes)
     if not distributed.all_equal(classes):
         raise SystemExit(f"error: the ranks read different class folders from {d.root}; is it the same data on every node?")

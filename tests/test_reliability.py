@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,9 +44,9 @@ def straight(fmnist_small_root, tmp_path_factory):
     return out / "ref"
 
 
-def start(args, command=("train.py",), **kw):
+def start(args, command=("train.py",), env=None, **kw):
     """train.py (or another script) with `args`, in a process whose output (stdout and stderr) is piped."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**(env or os.environ), "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen([sys.executable, *map(str, command), *map(str, args)], cwd=REPO_ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
@@ -97,15 +98,15 @@ def test_a_second_signal_stops_at_once():
 @pytest.mark.parametrize("where", ["mid-step", "mid-save"])
 def test_kill_9_loses_nothing_before_the_last_checkpoint(where, straight, fmnist_small_root, tmp_path):
     args = small_args(fmnist_small_root, tmp_path, "k9", "--epochs", "3", "--checkpoint-every-steps", "1", "--log-every-steps", "1")
-    proc = start(args)
+    checkpoints = tmp_path / "k9" / "checkpoints"
     if where == "mid-step":
+        proc = start(args)
         wait_for_line(proc, "step 20/")
-    else:  # wait until a checkpoint replacing an earlier one is being written: its temp file exists
-        checkpoints = tmp_path / "k9" / "checkpoints"
-        deadline = time.time() + 300
-        while not ((checkpoints / "last.pt").exists() and list(checkpoints.glob(".last.pt.*.tmp"))):
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.002)
+    else:  # killed between a save's two renames: last.pt moved aside, the new one not yet in place
+        proc = start(args, command=["tests/faulty_train.py"], env={**os.environ, "FAULT": "hang-mid-save"})
+        wait_for_line(proc, "MID-SAVE")
+        assert not (checkpoints / "last.pt").exists() and (checkpoints / "last.prev.pt").is_file()
+        assert list(checkpoints.glob(".last.pt.*.tmp"))  # the complete new checkpoint, under its temp name
     proc.kill()
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
@@ -134,11 +135,12 @@ def test_resume_refuses_data_with_other_classes(straight, tmp_path):
 
     data = tmp_path / "data"
     shutil.copytree(from_dict(ckpt.load_checkpoint(straight)["config"]).data.root, data)
-    shutil.rmtree(data / "train" / "Bag")
+    shutil.move(data / "train" / "Bag", data / "train" / "Purse")  # Bag gone, a new class Purse
     shutil.rmtree(data / "test" / "Bag")
     shutil.copytree(straight, tmp_path / "run")
     proc = run_script(["train.py", "--resume", tmp_path / "run", "--data.root", data, "--accept-config-changes"], cwd=REPO_ROOT)
     assert proc.returncode != 0 and "missing from the data: ['Bag']" in proc.stderr
+    assert "not in the checkpoint: ['Purse']" in proc.stderr and "step " not in proc.stdout
 
 
 def test_corrupt_last_checkpoint_falls_back_to_the_previous(straight, tmp_path, capsys):
@@ -151,6 +153,11 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous(straight, tmp_path, 
     fallback = ckpt.load_checkpoint(tmp_path / "run")
     assert fallback["epoch"] == 2 and fallback["loaded_from"] == str(ckpt.previous_of(last).resolve())
     assert f"falling back to the previous checkpoint {ckpt.previous_of(last)}" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    proc = run_script(["train.py", "--resume", tmp_path / "resumed"], cwd=REPO_ROOT)  # redoes the last epoch
+    assert proc.returncode == 0 and "falling back to the previous checkpoint" in proc.stderr
+    assert "resumed" in proc.stdout and "at epoch 2, step 26" in proc.stdout
+    assert same_weights(straight, tmp_path / "resumed")
     ckpt.previous_of(last).unlink()
     with pytest.raises(ValueError, match="last.pt"):
         ckpt.load_checkpoint(tmp_path / "run")
@@ -237,7 +244,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(fmnist_small_root,
         return real_save(obj, f, *args, **kw)
 
     monkeypatch.setattr(ckpt.torch, "save", save_until_disk_full)
-    with pytest.raises(OSError, match="No space left on device.*previous file is intact"):
+    named = r"could not write \S+/last\.pt \(No space left on device\); the previous file is intact"
+    with pytest.raises(OSError, match=named):
         train.main(parse_cli(small_args(fmnist_small_root, tmp_path, "full", "--epochs", "2", "--checkpoint-every-steps", "5")))
     assert ckpt.load_checkpoint(tmp_path / "full")["step"] == 10
     assert not list((tmp_path / "full" / "checkpoints").glob(".*.tmp"))
@@ -254,6 +262,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(fmnist_small_root,
 def test_bad_flags_are_named(extra, message, fmnist_small_root, tmp_path):
     proc = run_script(["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--no-progress", *extra], cwd=REPO_ROOT)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+    assert "step " not in proc.stdout and not list(tmp_path.glob("*/checkpoints/*.pt"))  # before training
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
@@ -312,29 +321,14 @@ def test_fp16_scaler_skipped_steps_are_counted_not_stopped_on(fmnist_small_root,
     finite_checkpoints(tmp_path / "f16")
 
 
-FAIL_LATE = """
-import sys
-sys.path.insert(0, {repo!r})
-import train
-from classifier.config import parse_cli
-
-def calibrate_best(*args, **kw):
-    raise RuntimeError("injected failure after the last epoch")
-
-train.calibrate_best = calibrate_best
-train.main(parse_cli(sys.argv[1:]))
-"""
-
-
 @pytest.mark.parametrize("failure", ["exception", "nan-stop"])
 def test_a_failing_run_with_data_workers_exits_at_once(failure, fmnist_small_root, tmp_path):
     """Every exit path shuts the DataLoader workers down: they ignore signals, and at interpreter exit
     multiprocessing would wait for them forever."""
     args = small_args(fmnist_small_root, tmp_path, "w", "--epochs", "1", "--data.num-workers", "2")
     if failure == "exception":  # late: after training, with both loaders' persistent workers alive
-        script = tmp_path / "fail_late.py"
-        script.write_text(FAIL_LATE.format(repo=str(REPO_ROOT)))
-        proc = start(args, command=[script], start_new_session=True)
+        env = {**os.environ, "FAULT": "fail-after-training"}
+        proc = start(args, command=["tests/faulty_train.py"], env=env, start_new_session=True)
         expected = "injected failure after the last epoch"
     else:
         args += ["--optim.optimizer", "sgd", "--optim.lr", "1e5", "--precision", "fp16", "--log-every-steps", "2"]
@@ -426,3 +420,20 @@ def test_tensorboard_keeps_nan_and_inf_scalars(tmp_path):
     assert sorted(events.Tags()["scalars"]) == ["train/inf", "train/loss", "train/nan"]
     value = lambda tag: events.Scalars(tag)[0].value  # noqa: E731
     assert value("train/loss") == 2.5 and math.isnan(value("train/nan")) and value("train/inf") == float("inf")
+
+
+def test_a_nan_batch_is_named_within_log_every_steps(fmnist_small_root, tmp_path, monkeypatch):
+    """The stop comes at most --log-every-steps steps after the NaN batch, names that batch (its file
+    listed), and nothing is saved after it."""
+    served = poison_first_training_image(monkeypatch)
+    args = small_args(fmnist_small_root, tmp_path, "nan", "--epochs", "2", "--log-every-steps", "4")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(parse_cli(args))
+    found = re.search(r"NaN/inf in epoch (\d), batch (\d+) \(near step (\d+)\)", str(stopped.value))
+    epoch, batch, stop_step = map(int, found.groups())
+    bad_step = epoch * 13 + batch + 1  # 13 steps per epoch, one batch per step
+    assert bad_step <= stop_step < bad_step + 4
+    listed = (tmp_path / "nan" / "nonfinite_batch.txt").read_text().split()
+    assert served[0] in listed and len(listed) == 8
+    saved = finite_checkpoints(tmp_path / "nan")
+    assert saved == (["best.pt", "last.pt"] if epoch == 1 else [])  # epoch 0's files only, when it finished

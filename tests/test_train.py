@@ -168,7 +168,8 @@ def test_bad_input_is_named(extra, message, fmnist_small_root, tmp_path, repo_ro
     proc = run_script(["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, *FAST, *extra], cwd=repo_root)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr or message in proc.stderr.splitlines()[-1]
+    assert "Traceback" not in proc.stderr  # an error message, not a crash
+    assert not list(tmp_path.glob("*/checkpoints/*.pt"))  # stopped before training
 
 
 def test_an_existing_run_is_not_overwritten(fmnist_small_root, tmp_path, repo_root):
@@ -186,11 +187,26 @@ def test_empty_split_is_named(tmp_path, repo_root):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_paths_run_on_cpu(precision, fmnist_small_root, tmp_path):
-    """bf16 autocast without a scaler; fp16 autocast with an enabled GradScaler, whose state is saved."""
+def test_mixed_precision_paths_run_on_cpu(precision, fmnist_small_root, tmp_path, monkeypatch):
+    """bf16 autocast without a scaler; fp16 autocast with an enabled GradScaler, whose state is saved.
+    The training forwards really run in that dtype: the model's logits come out in it."""
+    logits_dtypes = set()
+    real_build = train.build_model
+
+    def note_dtype(module, inputs, output) -> None:  # training forwards only: check_input_size's probe
+        if module.training:  # runs in eval mode, outside autocast
+            logits_dtypes.add(output.dtype)
+
+    def build_and_watch(*args, **kw):
+        model = real_build(*args, **kw)
+        model.register_forward_hook(note_dtype)
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_and_watch)
     result = train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", precision,
                                    "--precision", precision, "--epochs", "1", "--data.batch-size", "16",
                                    "--data.num-workers", "0", *FAST]))
+    assert logits_dtypes == {torch.bfloat16 if precision == "bf16" else torch.float16}
     saved = load_checkpoint(tmp_path / precision)
     assert result["step"] == 6 and saved["config"]["precision"] == precision
     assert bool(saved["scaler"]) == (precision == "fp16")  # a disabled scaler saves {}
@@ -211,20 +227,25 @@ def test_compile_and_channels_last_save_the_plain_module(fmnist_small_root, tmp_
 
 
 def test_class_weighted_loss_uses_train_counts(tmp_path, fmnist_small_root):
+    """The weights are the inverse train frequencies (config.json), and the loss the trainer minimizes
+    uses them: the same first batch from the same initial model gives another loss with them than without."""
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(fmnist_small_root, data)
     for extra in sorted((data / "train" / "Bag").iterdir())[4:]:  # Bag: 4 training images, the others 12
         extra.unlink()
-    train.main(parse_cli(["--data.root", str(data), "--out-dir", str(tmp_path), "--name", "w", "--data.class-weighted-loss",
-                          "--data.val-fraction", "0.25", "--epochs", "1", "--data.max-train-batches", "1",
-                          "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
+    common = ["--data.root", str(data), "--out-dir", str(tmp_path), "--data.val-fraction", "0.25", "--epochs", "1",
+              "--data.max-train-batches", "1", "--data.batch-size", "8", "--data.num-workers", "0", *FAST]
+    train.main(parse_cli([*common, "--name", "w", "--data.class-weighted-loss"]))
+    train.main(parse_cli([*common, "--name", "plain"]))
     config = json.loads((tmp_path / "w" / "config.json").read_text())
     counts = torch.tensor(config["dataset"]["counts"]["train"], dtype=torch.float64)
     assert counts[1] == 3 and counts[0] == 9  # Bag is index 1; a quarter of each class went to val
     expected = counts.sum() / (len(counts) * counts)
     assert torch.allclose(torch.tensor(config["derived"]["loss_class_weights"], dtype=torch.float64), expected, atol=1e-6)
+    first_loss = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text())["train"]["loss"]  # noqa: E731
+    assert abs(first_loss("w") - first_loss("plain")) > 1e-4
 
 
 @pytest.mark.gpu
