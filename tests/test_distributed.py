@@ -111,3 +111,36 @@ def test_temperature_is_fitted_on_the_whole_val_split(ddp_run):
     logits, labels = collect_logits(model, loader, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
     assert best["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     assert proc.stdout.count("calibration: temperature") == 1  # every rank fits, rank 0 says so
+
+
+def test_validation_loss_f1_and_balanced_accuracy_equal_a_single_process_evaluation(ddp_run):
+    """The gathered val metrics the test above leaves out: the loss over every val image, and macro F1 and
+    balanced accuracy from both ranks' predictions. Catches rank 0's numbers (half the images) reported
+    as the split's. (The split has 10 images, 5 per rank, so a mean of rank means would pass too.)"""
+    out, _, _ = ddp_run
+    checkpoint = load_checkpoint(out / "runs" / "ddp")
+    cfg = from_dict(checkpoint["config"])
+    model, _ = model_from_checkpoint(checkpoint)
+    val = build_splits(cfg.data.root, cfg.data.val_fraction, cfg.seed).val
+    loader = make_loader(ImageDataset(val, eval_transform(checkpoint["preprocessing"])),
+                         EpochSampler(len(val), shuffle=False), batch_size=4, num_workers=0, drop_last=False,
+                         pin_memory=False)
+    single = evaluate(model, loader, build_val_metrics(10), device=torch.device("cpu"),
+                      autocast=torch.autocast("cpu", enabled=False))
+    for name in ("loss", "macro_f1", "balanced_accuracy"):
+        assert checkpoint["val_metrics"][name] == pytest.approx(single[name], abs=1e-5), name
+
+
+def test_sync_batchnorm_is_refused_on_cpu(fmnist_small_root, repo_root, tmp_path):
+    """README: --sync-batchnorm is for GPUs. Under torchrun on CPU (gloo) every rank stops with an error
+    naming the flag before anything is trained or written. Catches the flag silently ignored (training
+    on with per-process BatchNorm statistics) or a crash inside SyncBatchNorm's CUDA-only kernels."""
+    args = ["train.py", "--model", "small_resnet", "--data.root", fmnist_small_root,
+            "--out-dir", tmp_path / "runs", "--name", "sbn", "--epochs", "1", "--data.image-size", "28",
+            "--data.resize-size", "28", "--data.batch-size", "8", "--data.num-workers", "0",
+            "--sync-batchnorm", "--no-progress"]
+    proc = torchrun(args, repo_root, tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --sync-batchnorm needs CUDA devices") == 2  # each rank, by itself
+    run = tmp_path / "runs" / "sbn"
+    assert not (run / "config.json").exists() and not list(run.rglob("*.pt"))  # refused before the first step
