@@ -77,6 +77,8 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     # --- set-up --------------------------------------------------------------------------------------
     dist_info, device = distributed.setup(cfg.device)
     resumed = ckpt.load_checkpoint(cfg.resume) if cfg.resume is not None else None
+    if resumed is not None:
+        ckpt.check_resumable(resumed, resumed["loaded_from"])
     run_dir = run_directory(cfg, resumed)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if dist_info.is_main:
@@ -178,6 +180,10 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     model = model.to(device, memory_format=memory_format)
     ema = build_ema(model, cfg.ema_half_life_epochs, steps_per_epoch, cfg.epochs)
     peak_lr = cfg.optim.lr or default_lr(cfg.optim.optimizer, pretrained=cfg.pretrained is not None)
+    if cfg.optim.lr:
+        lr_source = "--optim.lr or the preset"
+    else:
+        lr_source = f"{cfg.optim.optimizer} default " + ("for fine-tuning" if cfg.pretrained else "from scratch")
     o = cfg.optim
     optimizer = build_optimizer(model, o.optimizer, lr=peak_lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
     loss_weights = inverse_frequency_weights(counts["train"]).to(device) if d.class_weighted_loss else None
@@ -237,7 +243,8 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)
         ckpt.write_text(run_dir / "labels_mapping.json", json.dumps(mapping, indent=2) + "\n")
     log.print(f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
-              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.1e} | {device} {precision.value}")
+              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.1e} ({lr_source}) | "
+              f"{device} {precision.value}")
     if dist_info.is_main and resumed is None:  # what the model sees; peek_batch draws from no RNG and no iterator
         plots.save_figure(plots.train_batch_figure(*peek_batch(train_loader, 64), classes, d.mean, d.std), run_dir / "plots" / "train_batch.png")
     if cfg.debug:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -70,24 +69,33 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp), keep_previous=previous)
 
 
+# Only a resume needs these: with AdamW they are twice the model's size. best.pt and epoch-NNN.pt, which
+# are for evaluation and export, leave them out.
+RESUME_ONLY = ("optimizer", "scaler", "train_metrics")
+
+
 def save_epoch(run_dir: Path, state: dict, epoch: int, *, keep: bool, drop: list[int],
                best_weights: dict[str, torch.Tensor] | None, best_metadata: dict) -> None:
-    """An epoch's files: last.pt always; checkpoints/epoch-NNN.pt when the epoch is among the best k and
-    deleted once it drops out (`drop`); on a new best (`best_weights` given), best.pt (a copy of last.pt:
-    no second serialization) and best.safetensors (the inference weights, `best_metadata` attached)."""
-    last = run_dir / "checkpoints" / "last.pt"
-    save_checkpoint(state, last)
+    """An epoch's files: last.pt always (the full state); checkpoints/epoch-NNN.pt when the epoch is
+    among the best k, deleted once it drops out (`drop`); on a new best (`best_weights` given), best.pt
+    and best.safetensors (the inference weights, `best_metadata` attached). epoch-NNN.pt and best.pt
+    hold everything but the RESUME_ONLY state."""
+    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
+    without_resume_state = {k: v for k, v in state.items() if k not in RESUME_ONLY}
     if keep:
-        atomic_copy(last, run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt")
+        save_checkpoint(without_resume_state, run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt", keep_previous=False)
     for e in drop:
         (run_dir / "checkpoints" / f"epoch-{e:03d}.pt").unlink(missing_ok=True)
     if best_weights is not None:
-        atomic_copy(last, run_dir / "checkpoints" / "best.pt")
+        save_checkpoint(without_resume_state, run_dir / "checkpoints" / "best.pt", keep_previous=False)
         save_safetensors(best_weights, run_dir / "best.safetensors", best_metadata)
 
 
-def atomic_copy(source: Path, path: Path) -> None:
-    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+def check_resumable(checkpoint: dict, path: Path) -> None:
+    missing = [key for key in RESUME_ONLY if key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {path} holds no {', '.join(missing)} state: best.pt and epoch-NNN.pt are for "
+                         "evaluate.py and export.py; resume from the run directory (its last.pt)")
 
 
 def write_text(path: Path, text: str) -> None:

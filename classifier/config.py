@@ -103,7 +103,8 @@ class OptimConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """AdamW, or SGD with Nesterov momentum."""
     lr: float | None = None
-    """Peak learning rate. Default: 1e-4 (AdamW) when pretrained, 1e-3 (AdamW) from scratch, 0.1 for SGD."""
+    """Peak learning rate. Default, from whether weights are loaded: AdamW 1e-4 fine-tuning pretrained
+    weights, 1e-3 from scratch (--pretrained None); SGD 0.01 and 0.1."""
     weight_decay: float = 0.05
     """Decoupled weight decay; never applied to norm layers and biases."""
     momentum: float = 0.9

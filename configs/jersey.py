@@ -3,7 +3,8 @@
 Digits are not mirror-symmetric (no horizontal flip), crops are small (64 px) and the class of a crop
 lives in the whole number, so random crops stay mild. Rare numbers matter as much as common ones, so the
 sampler draws classes equally (alpha 1: the best macro F1 of the rebalancing options on a 20x-imbalanced
-Fashion-MNIST, README "Rebalancing"). The low AdamW LR is the usual fine-tuning regime for a pretrained ResNet.
+Fashion-MNIST, README "Rebalancing"). The LR is left to the trainer: AdamW's 1e-4, the usual fine-tuning
+regime, with the pretrained weights; 1e-3 with `--pretrained None` (from scratch), where 1e-4 would crawl.
 Needs torchvision's ResNet18 weights in $TORCH_HOME/hub/checkpoints/ (or `--pretrained FILE`).
 """
 
@@ -36,5 +37,5 @@ CONFIG = TrainConfig(
     # MixUp and CutMix stay off: a CutMix box over part of "23" pasted from "7" reads as another number
     # entirely, not 0.6 of one and 0.4 of the other, and a MixUp blend of two numbers ghosts the digits the
     # same way; the rare numbers, few and drawn often, would also spend half their draws as someone's mix.
-    optim=OptimConfig(lr=1e-4, weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0),
+    optim=OptimConfig(weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import metadata
 
 import pytest
@@ -270,7 +271,17 @@ def test_select_metric_keep_best_and_early_stopping(fmnist_small_root, tmp_path)
     assert load_checkpoint(tmp_path / "k" / "checkpoints" / "best.pt")["best"]["epoch"] == best_epoch
     top2 = sorted(range(4), key=lambda e: (-scores[e], e))[:2]
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").glob("epoch-*.pt")) == [f"epoch-{e:03d}.pt" for e in sorted(top2)]
-    assert all(0.0 <= r["val"]["balanced_accuracy"] <= 1.0 for r in records)
+    for r in records:  # balanced accuracy: the mean recall over classes (every class has val images here)
+        recalls = r["val"]["per_class_acc"]
+        assert abs(r["val"]["balanced_accuracy"] - sum(recalls) / len(recalls)) < 1e-6
+    # best.pt and epoch-NNN.pt are for evaluation and export: no optimizer state, and no resuming from them.
+    checkpoints = tmp_path / "k" / "checkpoints"
+    for path in [checkpoints / "best.pt", *checkpoints.glob("epoch-*.pt")]:
+        state = load_checkpoint(path)
+        assert "optimizer" not in state and "scaler" not in state and state["ema"] is not None
+    assert "optimizer" in load_checkpoint(checkpoints / "last.pt")
+    with pytest.raises(SystemExit, match="best.pt holds no optimizer, scaler, train_metrics state"):
+        train.main(parse_cli(["--resume", str(checkpoints / "best.pt")]))
 
     # With an LR of ~0 only the BatchNorm statistics move, so val top-1 soon stops improving. Replay the
     # rule on the recorded values: the run must end exactly at the first epoch that breaks the patience.
@@ -286,3 +297,28 @@ def test_select_metric_keep_best_and_early_stopping(fmnist_small_root, tmp_path)
             break
     assert stop_epoch is not None and stop_epoch == len(values) - 1 < 5
     assert result["best"]["epoch"] == best_epoch
+
+
+def test_jersey_preset_from_scratch_gets_the_from_scratch_lr(fmnist_small_root, tmp_path, capsys):
+    """The preset leaves the LR to the trainer: 1e-4 (AdamW) fine-tuning pretrained weights would crawl
+    from scratch, where the default is 1e-3."""
+    train.main(parse_cli(["--preset", "jersey", "--pretrained", "None", "--data.root", str(fmnist_small_root),
+                          "--out-dir", str(tmp_path), "--name", "j", "--epochs", "1", "--data.max-train-batches", "1",
+                          "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
+    assert json.loads((tmp_path / "j" / "config.json").read_text())["derived"]["peak_lr"] == 1e-3
+    assert "peak lr 1.0e-03 (adamw default from scratch)" in capsys.readouterr().out
+
+
+def test_step_log_rate_covers_every_image_since_the_last_log_line(fmnist_small_root, tmp_path, monkeypatch, capsys):
+    """img/s is the images of all steps since the previous log line over the time since then. With a
+    clock that advances one second per reading, and the loop reading it where a window starts and where
+    it ends, each window lasts one second, so the figure is the image count: 4 steps x 8 images."""
+    from types import SimpleNamespace
+
+    readings = iter(range(10**6))
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(readings))))
+    train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--epochs", "1",
+                          "--data.max-train-batches", "8", "--data.batch-size", "8", "--data.num-workers", "0",
+                          *FAST, "--log-every-steps", "4"]))
+    rates = re.findall(r"step \d+/8 \| .* \| (\d+) img/s", capsys.readouterr().out)
+    assert rates == ["32", "32"]
