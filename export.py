@@ -108,10 +108,7 @@ def load_safetensors(path: Path) -> tuple[nn.Module, dict]:
         meta.setdefault("small_input_stem", cfg["small_input_stem"])
         meta.setdefault("data", dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]))
     classes = classes_from_mapping(meta)
-    # A missing flag is read as "not fitted", except in train.py's best.safetensors: it never carries the
-    # flag (export.py's files always do, with their `exporter`) and holds a temperature only once
-    # calibration fitted one (classifier/calibration.py store_temperature).
-    fitted = meta.get("temperature_fitted", "exporter" not in meta)
+    fitted = meta.get("temperature_fitted", False)  # a file that does not say is read as not fitted
     meta.setdefault("stem_stride", 1)  # files written before the option existed
     model = build_model(meta["model"], len(classes), small_input_stem=meta["small_input_stem"], stem_stride=meta["stem_stride"])
     model.load_state_dict(load_file(path))  # strict: a mismatched architecture fails here, loudly

@@ -131,4 +131,5 @@ def store_temperature(run_dir: Path, best: dict) -> None:
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:
             metadata = f.metadata() or {}
-        ckpt.save_safetensors(load_file(weights), weights, {**metadata, "temperature": best["temperature"]})
+        fitted = {"temperature": best["temperature"], "temperature_fitted": True}
+        ckpt.save_safetensors(load_file(weights), weights, {**metadata, **fitted})
