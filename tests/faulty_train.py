@@ -3,6 +3,8 @@
 - FAULT=fail-after-training: an exception after the last epoch, while the loaders' workers are alive.
 - FAULT=hang-mid-save: at the third save that moves last.pt aside to last.prev.pt, stop right after that
   rename (last.pt is gone, its replacement not yet renamed in), print MID-SAVE and wait to be killed.
+- FAULT=slow-steps: every optimizer step takes 3 s longer (a sleep where it reads its LR), so a test has
+  time to act between two steps.
 """
 
 import os
@@ -36,6 +38,14 @@ if __name__ == "__main__":
                     time.sleep(600)
 
         checkpoint.os.replace = replace
+    elif fault == "slow-steps":
+        real_lr_at = train.lr_at
+
+        def lr_at(step, **kw):
+            time.sleep(3)
+            return real_lr_at(step, **kw)
+
+        train.lr_at = lr_at
     else:
         raise SystemExit(f"unknown FAULT {fault!r}")
     train.main(parse_cli(sys.argv[1:]))

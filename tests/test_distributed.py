@@ -144,3 +144,34 @@ def test_sync_batchnorm_is_refused_on_cpu(fmnist_small_root, repo_root, tmp_path
     assert proc.stderr.count("error: --sync-batchnorm needs CUDA devices") == 2  # each rank, by itself
     run = tmp_path / "runs" / "sbn"
     assert not (run / "config.json").exists() and not list(run.rglob("*.pt"))  # refused before the first step
+
+
+def test_two_nodes_train_exactly_as_two_processes_on_one(ddp_run, repo_root, tmp_path):
+    """Multi-node: two torchrun launches of one process each (--nnodes 2, a node rank each) rendezvous at
+    one address, as on two machines. World size, global ranks and the data shards are the same as with
+    two processes on one node, so the weights must be the single-node run's, bit for bit."""
+    import socket
+    import subprocess
+
+    out, _, args = ddp_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*args[: args.index("--out-dir")], "--out-dir", tmp_path / "runs", *args[args.index("--out-dir") + 2 :]]
+    nodes = []
+    for node_rank in (0, 1):
+        (tmp_path / f"node{node_rank}").mkdir()
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                  f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        env = {**os.environ, "DDP_TEST_OUT": str(tmp_path / f"node{node_rank}"), "OMP_NUM_THREADS": "1"}
+        nodes.append(subprocess.Popen([*launch, *map(str, args)], cwd=repo_root, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    print(outputs[0][-3000:], outputs[1][-3000:])
+    assert [node.returncode for node in nodes] == [0, 0]
+    assert outputs[0].count("done: ") == 1 and "done: " not in outputs[1]  # global rank 0 alone prints
+    assert (tmp_path / "node0" / "rank0.pt").is_file() and (tmp_path / "node1" / "rank1.pt").is_file()
+    single, multi = load_checkpoint(out / "runs" / "ddp"), load_checkpoint(tmp_path / "runs" / "ddp")
+    assert json.loads((tmp_path / "runs" / "ddp" / "config.json").read_text())["derived"]["world_size"] == 2
+    for key in ("model", "ema"):
+        assert all(torch.equal(single[key][k], multi[key][k]) for k in single[key]), key

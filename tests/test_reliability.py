@@ -95,6 +95,26 @@ def test_a_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_second_signal_stops_a_running_trainer_at_once(fmnist_small_root, tmp_path):
+    """Two Ctrl-Cs in a row to a training process with data workers: it leaves at once (no checkpoint
+    of the interrupted step), and its workers with it."""
+    args = small_args(fmnist_small_root, tmp_path, "twice", "--epochs", "3", "--log-every-steps", "1",
+                      "--data.num-workers", "2")
+    env = {**os.environ, "FAULT": "slow-steps"}  # 3 s a step: the second signal lands before the step ends
+    proc = start(args, command=["tests/faulty_train.py"], env=env, start_new_session=True)
+    wait_for_line(proc, "step 1/")
+    proc.send_signal(signal.SIGINT)
+    wait_for_line(proc, "SIGINT: finishing this step")  # the first one was handled: two are not merged
+    proc.send_signal(signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("still running 60 s after the second SIGINT") from None
+    assert proc.returncode != 0 and "second signal (SIGINT): stopping at once" in output
+    assert "stopped at step" not in output and not (tmp_path / "twice" / "checkpoints" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("where", ["mid-step", "mid-save"])
 def test_kill_9_loses_nothing_before_the_last_checkpoint(where, straight, fmnist_small_root, tmp_path):
     args = small_args(fmnist_small_root, tmp_path, "k9", "--epochs", "3", "--checkpoint-every-steps", "1", "--log-every-steps", "1")
