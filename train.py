@@ -152,8 +152,10 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     # Derived once, never written back into cfg.
     accum = cfg.optim.grad_accum_steps
     batches_per_epoch = len(train_sampler) // d.batch_size
-    if d.max_train_batches is not None or cfg.debug:
-        batches_per_epoch = min(batches_per_epoch, d.max_train_batches or 5)
+    if d.max_train_batches is not None and d.max_train_batches < 1:
+        raise SystemExit(f"error: --data.max-train-batches {d.max_train_batches}: must be at least 1 (or None)")
+    if d.max_train_batches is not None or cfg.debug:  # --debug alone: 5 batches
+        batches_per_epoch = min(batches_per_epoch, d.max_train_batches if d.max_train_batches is not None else 5)
     steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch == 0:
         raise SystemExit(

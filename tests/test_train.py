@@ -163,6 +163,7 @@ def test_a_failed_overfit_check_stops_the_run_unless_told_to_continue(fmnist_sma
         (["--model", "resnet9000"], "resnet9000"),
         (["--pretrained", "/no/weights.pth"], "/no/weights.pth"),
         (["--data.batch-size", "100000"], "--data.batch-size 100000"),
+        (["--data.max-train-batches", "0"], "--data.max-train-batches 0"),
     ],
 )
 def test_bad_input_is_named(extra, message, fmnist_small_root, tmp_path, repo_root):
