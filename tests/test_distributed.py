@@ -91,6 +91,8 @@ def test_resume_under_ddp_matches_the_straight_run(ddp_run, repo_root, tmp_path)
     assert proc.returncode == 0
     straight, resumed = torch.load(out / "rank0.pt"), torch.load(tmp_path / "rank0.pt")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    saved = [load_checkpoint(root / "ddp") for root in (out / "runs", tmp_path / "runs")]
+    assert all(torch.equal(saved[0]["ema"][k], saved[1]["ema"][k]) for k in saved[0]["ema"])  # the EMA too
     # Epoch 1's record, including the per-class draw counts summed over ranks, is the straight run's too.
     records = [[json.loads(x) for x in (root / "ddp" / "metrics.jsonl").read_text().splitlines()] for root in (out / "runs", tmp_path / "runs")]
     assert records[0][1] == records[1][1]

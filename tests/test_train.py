@@ -219,9 +219,19 @@ def test_compile_and_channels_last_save_the_plain_module(fmnist_small_root, tmp_
     # Inductor's own cache, not the machine's /tmp/torchinductor_$USER: kernels cached there by a run with
     # ATEN_CPU_CAPABILITY=avx2 crashed (segfault) a later run without it.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", "c",
-                          "--compile", "--channels-last", "on", "--epochs", "1", "--data.max-train-batches", "2",
-                          "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_and_note(module, *args, **kw):
+        compiled.append(type(module).__name__)
+        return real_compile(module, *args, **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_and_note)
+    result = train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", "c",
+                                   "--compile", "--channels-last", "on", "--epochs", "1", "--data.max-train-batches", "2",
+                                   "--data.batch-size", "8", "--data.num-workers", "0", *FAST]))
+    assert compiled == ["ResNet"]  # the training model, once
+    assert result["model"].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     saved = load_checkpoint(tmp_path / "c")
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in saved["model"])  # loadable into a plain model
     with safe_open(tmp_path / "c" / "best.safetensors", "pt") as f:
