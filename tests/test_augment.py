@@ -243,8 +243,13 @@ def test_train_batch_figure_titles_hard_and_soft_targets(tmp_path):
     soft = torch.tensor([[0.6, 0.0, 0.4], [0.0, 1.0, 0.0], [0.05, 0.75, 0.2]])
     texts = [plots.target_text(t, classes) for t in soft]
     assert texts == ["0.6 Coat\n0.4 a_very_long_c…", "Shirt", "0.75 Shirt\n0.2 a_very_long_c…"]
-    plots.save_figure(plots.train_batch_figure(images[:3], soft, classes, (0.5,) * 3, (0.25,) * 3), tmp_path / "b.png")
-    assert (tmp_path / "b.png").stat().st_size > 1000
+    soft_figure = plots.train_batch_figure(images[:3], soft, classes, (0.5,) * 3, (0.25,) * 3)
+    (soft_ax,) = soft_figure.axes
+    heading = "One augmented training batch, as the model sees it (3 images, 12x12 px)"
+    assert [t.get_text() for t in soft_ax.texts] == [*texts, heading]
+    plots.save_figure(soft_figure, tmp_path / "b.png")
+    with Image.open(tmp_path / "b.png") as png:  # three tiles in a row: wider than high
+        assert png.format == "PNG" and png.size[0] > png.size[1] > 100
 
 
 def test_training_writes_the_batch_picture_and_it_changes_nothing(fmnist_small_root, tmp_path, monkeypatch):
@@ -276,13 +281,28 @@ def test_training_writes_the_batch_picture_and_it_changes_nothing(fmnist_small_r
     train.main(parse_cli(["--resume", str(tmp_path / "with"), "--epochs", "2", "--accept-config-changes"]))
 
 
-def test_fast_path_run_with_trivialaugment_writes_the_picture(fmnist_small_root, tmp_path):
+def test_fast_path_run_with_trivialaugment_writes_the_picture(fmnist_small_root, tmp_path, monkeypatch):
+    """The picture shows the fast loader's augmented batch: random erasing (p 0.5) left exact zeros, the
+    mean colour after Normalize, in some of its images and not in others. No plain image holds an exact 0:
+    (x / 255 - mean) / std is 0 only for x = 255 * mean, which no uint8 value is for ImageNet's means."""
+    drawn = []
+    real_figure = plots.train_batch_figure
+
+    def recording(images, targets, *args, **kwargs):
+        drawn.append(images)
+        return real_figure(images, targets, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "train_batch_figure", recording)
     result = train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", "fast",
                                    "--data.fast-path", "--data.auto-augment", "trivialaugment", "--data.random-erasing", "0.5",
                                    "--epochs", "1", "--data.batch-size", "16", "--data.max-train-batches", "2",
                                    "--data.num-workers", "0", "--data.image-size", "32", "--data.resize-size", "32",
                                    "--no-progress", "--ema-half-life-epochs", "None", "--data.no-scan-images"]))
     assert result["step"] == 2 and (tmp_path / "fast" / "plots" / "train_batch.png").stat().st_size > 10_000
+    (images,) = drawn
+    assert images.shape == (16, 3, 32, 32)
+    erased = (images == 0).all(dim=1).flatten(1).any(dim=1)
+    assert 0 < int(erased.sum()) < 16
 
 
 @pytest.mark.gpu

@@ -1,7 +1,9 @@
-"""The fast data path: decoding, the on-disk cache, batch augmentation, and the tensor loader."""
+"""The fast data path: decoding, the on-disk cache, batch augmentation, and the tensor loader; crops,
+flips and jitter are checked on the regular path's per-image transform too."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import warnings
 
@@ -12,7 +14,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from classifier import fastdata
-from classifier.data import eval_transform, preprocessing_spec
+from classifier.config import DataConfig
+from classifier.data import Splits, eval_resize_crop, eval_transform, preprocessing_spec, train_transform
 from classifier.fastdata import BatchAugment, BatchEval, TensorLoader, decode_split, load_or_build_cache
 from classifier.images import load_image
 from classifier.sampling import EpochSampler
@@ -33,9 +36,35 @@ def noise_images(folder, sizes, modes=("RGB",)) -> list[tuple[str, int]]:
     return samples
 
 
+AUGMENT = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0, mean=MEAN,
+               std=STD)
+
+
 def augment(size=16, **options) -> BatchAugment:
-    settings = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0, mean=MEAN, std=STD)
-    return BatchAugment(size, **{**settings, **options})
+    return BatchAugment(size, **{**AUGMENT, **options})
+
+
+def regular_augment(size=16, **options):
+    """The regular path's train_transform with augment()'s settings, called like a BatchAugment: each
+    image gets its own seed drawn from `generator`, and is transformed under it as ImageDataset does."""
+    s = {**AUGMENT, **options}
+    transform = train_transform(size, s["crop_scale"], s["crop_ratio"], s["hflip"], s["color_jitter"],
+                                s["mean"], s["std"], "bilinear")
+
+    def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = []
+        seeds = torch.randint(2**31, (len(images),), generator=generator).tolist()
+        for image, seed in zip(images, seeds, strict=True):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                out.append(transform(image))
+        return torch.stack(out)
+
+    return apply
+
+
+# Crops, flips and jitter follow the same ranges on both paths: the tests below run each.
+PATHS = {"fast": augment, "regular": regular_augment}
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -109,40 +138,49 @@ def test_augmentation_is_a_function_of_the_generator_seed():
     assert torch.equal(as_channels_last, first)
 
 
-def test_flip_really_flips():
+@pytest.mark.parametrize("path", PATHS)
+def test_flip_really_flips(path):
+    make = PATHS[path]
     # Left half white, right half black; the full-image crop isolates the flip.
     image = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
     image[..., :8] = 255
     images = image.expand(32, -1, -1, -1).contiguous()
     options = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), mean=(0, 0, 0), std=(1, 1, 1))
-    out = augment(hflip=True, **options)(images, seeded(0))
+    out = make(hflip=True, **options)(images, seeded(0))
     flipped = out[:, 0, 0, 0] == 0  # the top-left pixel turned black
     assert 5 < int(flipped.sum()) < 27
     assert torch.equal(out[~flipped], images[~flipped].float() / 255)
     assert torch.equal(out[flipped], images[flipped].flip(-1).float() / 255)
-    assert torch.equal(augment(hflip=False, **options)(images, seeded(0)), images.float() / 255)
+    assert torch.equal(make(hflip=False, **options)(images, seeded(0)), images.float() / 255)
 
 
-def test_color_jitter_factors_span_the_range():
+@pytest.mark.parametrize("path", PATHS)
+def test_color_jitter_factors_span_the_range(path):
+    make = PATHS[path]
     # A uniform gray image: contrast and saturation leave it as it is, brightness scales it.
     images = torch.full((64, 3, 12, 12), 128, dtype=torch.uint8)
-    out = augment(8, color_jitter=0.5, mean=(0, 0, 0), std=(1, 1, 1))(images, seeded(0))
+    out = make(8, color_jitter=0.5, mean=(0, 0, 0), std=(1, 1, 1))(images, seeded(0))
     factor = out[:, 0, 0, 0] / (128 / 255)
-    assert torch.allclose(out, factor.view(64, 1, 1, 1).expand_as(out) * 128 / 255, atol=1e-3)  # one factor per image
+    # One factor per image.
+    assert torch.allclose(out, factor.view(64, 1, 1, 1).expand_as(out) * 128 / 255, atol=1e-3)
     assert factor.min() >= 0.5 - 1e-3 and factor.max() <= 1.5 + 1e-3
     assert factor.max() - factor.min() > 0.7
 
 
-def test_crops_respect_the_scale_range():
+@pytest.mark.parametrize("path", PATHS)
+def test_crops_respect_the_scale_range(path):
+    make = PATHS[path]
     # A horizontal ramp in red and a vertical ramp in green: an output's ramp spans reveal its crop box.
     side, out = 64, 16
     ramp = torch.arange(side, dtype=torch.float32) * 4
     image = torch.zeros(3, side, side)
     image[0], image[1] = ramp.expand(side, side), ramp.view(side, 1).expand(side, side)
     images = image.byte().expand(400, -1, -1, -1).contiguous()
-    transform = augment(out, crop_scale=(0.25, 0.5), crop_ratio=(1.0, 1.0), hflip=False, mean=(0, 0, 0), std=(1, 1, 1))
+    transform = make(out, crop_scale=(0.25, 0.5), crop_ratio=(1.0, 1.0), hflip=False, mean=(0, 0, 0),
+                     std=(1, 1, 1))
     x = transform(images, seeded(3)) * 255 / 4  # back to source pixel units
-    # Output pixel j samples the box at x1 + (j + 0.5) * width / out: the first-to-last span is width * (out-1)/out.
+    # Output pixel j samples the box at x1 + (j + 0.5) * width / out: the first-to-last span is
+    # width * (out - 1) / out. (The regular path's boxes have whole-pixel sides, so its spans round.)
     width = (x[:, 0, 0, -1] - x[:, 0, 0, 0]) * out / (out - 1)
     height = (x[:, 1, -1, 0] - x[:, 1, 0, 0]) * out / (out - 1)
     fraction = width * height / side**2
@@ -163,16 +201,20 @@ def test_boxes_stay_inside_the_image_with_ratios_in_range():
 
 
 def test_eval_path_equals_eval_transform(tmp_path):
+    """Bit for bit, not merely close: the cache holds the very uint8 pixels eval_resize_crop gives (the
+    same torchvision resize and crop on the same image), and BatchEval then does ToDtype's x / 255 and
+    Normalize's (x - mean) / std, the same float32 operations in the same order, element by element."""
     samples = noise_images(tmp_path, [(30, 22), (22, 35), (25, 25), (40, 31)], modes=("RGB", "L"))
     spec = preprocessing_spec(16, 19, MEAN, STD, "bilinear")
     expected = torch.stack([eval_transform(spec)(load_image(path)) for path, _ in samples])
     # Cached with the eval geometry (resize 19, crop 16): equal for any aspect ratio.
     images, _ = decode_split(samples, 19, "bilinear", crop=16, num_workers=0)
-    assert torch.allclose(BatchEval(16, mean=MEAN, std=STD)(images), expected, atol=1e-5, rtol=0)
+    assert torch.equal(images, torch.stack([eval_resize_crop(spec)(load_image(path)) for path, _ in samples]))
+    assert torch.equal(BatchEval(16, mean=MEAN, std=STD)(images), expected)
     # From the training square (resize 19, crop 19), the center crop happens in the batch: equal here for
     # the square image (index 2); the others may sit one pixel off, from rounding two centerings.
     square, _ = decode_split(samples, 19, "bilinear", num_workers=0)
-    assert torch.allclose(BatchEval(16, mean=MEAN, std=STD)(square)[2], expected[2], atol=1e-5, rtol=0)
+    assert torch.equal(BatchEval(16, mean=MEAN, std=STD)(square)[2], expected[2])
 
 
 # --- the loader -------------------------------------------------------------------------------------
@@ -220,6 +262,33 @@ def test_ranks_get_disjoint_shards_and_evaluation_covers_every_image_once():
         loader, _ = make_loader(num_samples=13, rank=rank, world_size=2, shuffle=False, drop_last=False)
         seen += torch.cat([labels for _, labels in loader]).tolist()
     assert sorted(seen) == list(range(13))
+
+
+def child_pids() -> set[int]:
+    """This process's live child processes (DataLoader workers are multiprocessing children)."""
+    return {child.pid for child in multiprocessing.active_children()}
+
+
+def test_fast_path_epochs_run_without_worker_processes(tmp_path):
+    """--data.num-workers 2 decodes the cache in worker processes; the epochs after it use none: both
+    loaders are TensorLoaders, and no child process is alive while their batches are drawn."""
+    samples = noise_images(tmp_path, [(20, 24)] * 12)
+    splits = Splits(classes=[str(i) for i in range(12)], train=samples[:8], val=samples[8:], test=[])
+    data = DataConfig(root=tmp_path, image_size=16, resize_size=19, batch_size=4, num_workers=2)
+    preprocessing = preprocessing_spec(16, 19, MEAN, STD, "bilinear")
+    train_sampler, val_sampler = EpochSampler(8, shuffle=True, seed=0), EpochSampler(4, shuffle=False)
+    before = child_pids()  # whatever an earlier test left running is not this loader's
+    loaders = fastdata.make_tensor_loaders(splits, train_sampler, val_sampler, data, preprocessing,
+                                           device=torch.device("cpu"), channels_last=False, workers=2,
+                                           progress=False)
+    train_sampler.set_epoch(0)
+    for loader in loaders:
+        assert type(loader) is TensorLoader
+        batches = 0
+        for _ in loader:
+            assert child_pids() <= before
+            batches += 1
+        assert batches == len(loader) > 0
 
 
 @pytest.mark.gpu

@@ -10,7 +10,10 @@ import pytest
 import torch
 from helpers import run_script
 from safetensors.torch import load_file
+from torch.nn import functional as F
 
+import export
+from classifier import onnx_export
 from classifier.checkpoint import inference_weights, load_checkpoint, model_from_checkpoint
 from classifier.imbalance import logit_bias, rarest_classes, sampler_weights, training_prior
 from classifier.selection import pick_weights, rare_recall_text, update_best
@@ -115,13 +118,15 @@ def imbalanced_copy(src, dest, keep_rare=6, rare=range(5, 10)):
 
 
 def test_sampler_and_logit_adjustment_end_to_end(fmnist_root, tmp_path, repo_root):
-    """A balanced-sampler run on 10x-imbalanced data with --logit-adjustment frequency: the checkpoint
-    and best.safetensors carry the bias, and its probabilities on the (naturally imbalanced) val split
-    track the real class frequencies better than the same weights unadjusted do."""
+    """A balanced-sampler run on 10x-imbalanced data with --logit-adjustment frequency: the checkpoint,
+    best.safetensors and the ONNX export carry the bias, validation judged the adjusted logits, and their
+    probabilities on the (naturally imbalanced) val split track the real class frequencies better than the
+    same weights unadjusted do."""
     root = imbalanced_copy(fmnist_root, tmp_path / "imb")
     args = ["train.py", "--data.root", root, "--out-dir", tmp_path, "--name", "la", "--epochs", "3",
-            "--data.batch-size", "32", "--data.image-size", "32", "--data.resize-size", "32", "--data.fast-path",
-            "--data.weighted-sampler", "--data.sampler-alpha", "1.0", "--logit-adjustment", "frequency",
+            "--data.batch-size", "32", "--data.image-size", "32", "--data.resize-size", "32",
+            "--data.fast-path", "--data.weighted-sampler", "--data.sampler-alpha", "1.0",
+            "--logit-adjustment", "frequency",
             "--data.val-fraction", "0.25", "--optim.lr", "2e-3", "--no-progress", "--log-every-steps", "1000"]
     proc = run_script(args, cwd=repo_root)
     assert proc.returncode == 0
@@ -140,21 +145,44 @@ def test_sampler_and_logit_adjustment_end_to_end(fmnist_root, tmp_path, repo_roo
     adjusted = load_file(run / "best.safetensors")
     assert torch.allclose(adjusted["fc.bias"], raw_weights["fc.bias"] + expected, atol=1e-6)
     model, _ = model_from_checkpoint(state)
-    assert torch.allclose(model.state_dict()["fc.bias"], adjusted["fc.bias"])
+    folded = model.state_dict()
+    assert folded.keys() == adjusted.keys() and all(torch.equal(folded[k], adjusted[k]) for k in adjusted)
 
-    # Mean predicted probabilities on val vs the real class frequencies.
     from classifier.data import ImageDataset, build_splits, eval_transform
 
     cfg = state["config"]["data"]
     splits = build_splits(root, cfg["val_fraction"], 0, classes=state["classes"])
     val = ImageDataset(splits.val, eval_transform(state["preprocessing"]))
     images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor([label for _, label in splits.val])
     with torch.no_grad():
-        adjusted_probs = model(images).softmax(1).mean(0)
+        adjusted_logits = model(images)
         model.load_state_dict(raw_weights)
-        plain_probs = model(images).softmax(1).mean(0)
+        plain_logits = model(images)
+    adjusted_probs, plain_probs = adjusted_logits.softmax(1).mean(0), plain_logits.softmax(1).mean(0)
+
+    # Validation judged the adjusted logits: the best epoch's val metrics (metrics.jsonl and best.pt) are
+    # best.safetensors' model's on the val split, the confusion exactly, and not the raw weights'.
+    def confusion(logits: torch.Tensor) -> list[list[int]]:
+        matrix = torch.zeros(len(state["classes"]), len(state["classes"]), dtype=torch.long)
+        return matrix.index_put_((labels, logits.argmax(1)), torch.tensor(1), accumulate=True).tolist()
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r["val"] for r in records if r["epoch"] == state["best"]["epoch"])
+    assert logged == state["val_metrics"]
+    assert logged["confusion"] == confusion(adjusted_logits) != confusion(plain_logits)
+    assert logged["loss"] == pytest.approx(F.cross_entropy(adjusted_logits, labels).item(), rel=1e-5)
+
+    # The ONNX export of best.pt gives the adjusted logits too (ORT matches PyTorch to ~1e-5 here).
+    out = export.main(export.ExportArgs(run / "checkpoints" / "best.pt", out=tmp_path / "onnx", batch_size=4))
+    assert json.loads((out / "labels_mapping.json").read_text())["logit_adjustment"] == "frequency"
+    exported = onnx_export.onnx_session(out / "model.onnx").run(None, {"images": images.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(exported), adjusted_logits, atol=1e-4, rtol=0)
+
+    # Mean predicted probabilities on val vs the real class frequencies.
     real = counts.double() / counts.sum()
     adjusted_gap = (adjusted_probs.double() - real).abs().sum().item()
     plain_gap = (plain_probs.double() - real).abs().sum().item()
-    assert adjusted_gap < plain_gap, f"L1 gap to the real frequencies: adjusted {adjusted_gap:.3f}, plain {plain_gap:.3f}"
+    gaps = f"L1 gap to the real frequencies: adjusted {adjusted_gap:.3f}, plain {plain_gap:.3f}"
+    assert adjusted_gap < plain_gap, gaps
     assert math.isclose(adjusted_probs.sum().item(), 1.0, rel_tol=1e-4)

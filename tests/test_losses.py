@@ -1,14 +1,16 @@
 """classifier/losses.py: the soft-target cross-entropy against a hand computation and nn.CrossEntropyLoss,
-MixUp/CutMix batches, and train.py with mixing on (runs, resumes bit for bit, unchanged when off)."""
+MixUp/CutMix batches, and train.py with mixing on (trains on the mixed batches) and off (trains exactly as
+before mixing existed). The mixing run's exact resume is tests/test_train.py's."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script
 from torch import nn
 from torch.nn import functional as F
 
@@ -195,31 +197,106 @@ def test_bad_settings_are_named(flags, message):
 # --- train.py with mixing ---------------------------------------------------------------------------
 
 
-def test_train_script_runs_with_mixup_and_cutmix(fmnist_small_root, tmp_path, repo_root):
-    proc = run_script(["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--name", "mix", "--epochs", "2",
-                       "--data.batch-size", "16", "--data.num-workers", "0", "--optim.mixup-alpha", "0.2",
-                       "--optim.cutmix-alpha", "1.0", "--data.class-weighted-loss", *FAST], cwd=repo_root)
-    assert proc.returncode == 0
-    records = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2
-    assert all(math.isfinite(r["train"]["loss"]) and math.isfinite(r["val"]["loss"]) for r in records)
-    assert all(0.0 <= r["train"]["top1"] <= 1.0 for r in records)
-    config = json.loads((tmp_path / "mix" / "config.json").read_text())
-    assert config["optim"]["mixup_alpha"] == 0.2 and config["optim"]["cutmix_alpha"] == 1.0
+def uneven_copy(root: Path, dest: Path) -> Path:
+    """The small Fashion-MNIST fixture with half of its first class's training images gone: the fixture is
+    balanced, so --data.class-weighted-loss would otherwise weight every class 1 and test nothing."""
+    shutil.copytree(root, dest)
+    first = next(folder for folder in sorted((dest / "train").iterdir()) if folder.is_dir())
+    for extra in sorted(first.iterdir())[6:]:
+        extra.unlink()
+    return dest
 
 
-class Interrupt(Exception):
-    pass
+def test_training_with_mixup_and_cutmix_trains_on_the_mixed_batches(fmnist_small_root, tmp_path, monkeypatch):
+    """Both flags reach the step: every training batch goes through a mixer holding MixUp and CutMix, both
+    occur, the model sees the mixed images, the loss is the class-weighted soft cross-entropy of the mixed
+    targets, and metrics.jsonl reports that loss and top-1 against the targets' argmax. Spies wrap the real
+    mixer, model and criterion and change nothing. (That mixing changes the weights at all is shown by
+    test_mixing_off_trains_exactly_as_plain_cross_entropy, with MixUp alone.)"""
+    mixes, model_inputs, losses = [], [], []
+
+    class RecordingMixer(BatchMixer):
+        def __call__(self, images, labels):
+            mixed, targets = super().__call__(images, labels)
+            mixes.append((images, labels, mixed, targets))
+            return mixed, targets
+
+    real_build_model, real_build_criterion = train.build_model, train.build_criterion
+
+    def build_model(*args, **kwargs):
+        model = real_build_model(*args, **kwargs)
+        # Training forwards only: the input-size probe and validation run in eval mode.
+        model.register_forward_pre_hook(
+            lambda module, inputs: model_inputs.append(inputs[0]) if module.training else None)
+        return model
+
+    def build_criterion(weight, label_smoothing):
+        criterion = real_build_criterion(weight=weight, label_smoothing=label_smoothing)
+
+        def recording(logits, targets):
+            loss = criterion(logits, targets)
+            losses.append((logits.detach(), targets, loss.detach()))
+            return loss
+
+        return recording
+
+    monkeypatch.setattr(train, "BatchMixer", RecordingMixer)
+    monkeypatch.setattr(train, "build_model", build_model)
+    monkeypatch.setattr(train, "build_criterion", build_criterion)
+    root = uneven_copy(fmnist_small_root, tmp_path / "data")
+    result = train.main(parse_cli(["--data.root", str(root), "--out-dir", str(tmp_path), "--name", "mix",
+                                   "--epochs", "2", "--data.batch-size", "16", "--data.max-train-batches",
+                                   "3", "--data.num-workers", "0",
+                                   "--optim.mixup-alpha", "0.2", "--optim.cutmix-alpha", "1.0",
+                                   "--data.class-weighted-loss", *FAST]))
+    assert len(mixes) == len(model_inputs) == len(losses) == result["step"] > 0
+    kinds = []
+    for (images, _, mixed, targets), seen, (_, loss_targets, _) in zip(mixes, model_inputs, losses,
+                                                                       strict=True):
+        assert torch.equal(seen, mixed) and loss_targets is targets
+        # Soft targets, not the int labels a disabled mixer passes through.
+        assert targets.dtype == torch.float32 and targets.shape == (16, 10)
+        assert torch.allclose(targets.sum(1), torch.ones(16))
+        if torch.equal(mixed, images):
+            kinds.append("unchanged")  # MixUp with lambda within 1e-7 of 0 or 1 (Beta(0.2, 0.2) draws those)
+        else:
+            # CutMix: each pixel is its own image's or its neighbour's.
+            box = (mixed == images) | (mixed == images.roll(1, 0))
+            kinds.append("cutmix" if box.all() else "mixup")
+    assert {"cutmix", "mixup"} <= set(kinds), kinds
+
+    run = tmp_path / "mix"
+    config = json.loads((run / "config.json").read_text())
+    weight = torch.tensor(config["derived"]["loss_class_weights"])
+    smoothing = config["optim"]["label_smoothing"]
+    assert weight[0] > 1.5 * weight[1]
+    for logits, targets, loss in losses:
+        expected = soft_target_cross_entropy(logits, targets, weight=weight, label_smoothing=smoothing)
+        assert torch.allclose(loss, expected, rtol=1e-5)
+    # Each epoch's train loss and top-1 are the mean over its batches (all of 16 images).
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = len(losses) // 2
+    assert len(records) == 2 and per_epoch * 2 == len(losses)
+    for record, epoch in zip(records, (losses[:per_epoch], losses[per_epoch:]), strict=True):
+        mean_loss = torch.stack([loss for _, _, loss in epoch]).mean().item()
+        right = [logits.argmax(1) == targets.argmax(1) for logits, targets, _ in epoch]
+        top1 = torch.cat(right).float().mean()
+        assert record["train"]["loss"] == pytest.approx(mean_loss, rel=1e-5)
+        assert record["train"]["top1"] == pytest.approx(top1.item(), abs=1e-6)
+        assert math.isfinite(record["val"]["loss"])
 
 
 def test_mixing_off_trains_exactly_as_plain_cross_entropy(fmnist_small_root, tmp_path, monkeypatch):
     """With both alphas 0 the step must be the old one: nn.CrossEntropyLoss on int labels, no extra draws
     from the global RNG (dropout in mobilenet_v3_small would show them). The reference run swaps in the
     pre-mixing code: a bare nn.CrossEntropyLoss and no mixer. And with mixing on, the weights differ."""
-    common = ["--model", "mobilenet_v3_small", "--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path),
-              "--epochs", "1", "--data.max-train-batches", "6", "--data.batch-size", "8", "--data.num-workers", "0",
-              "--data.class-weighted-loss", "--ema-half-life-epochs", "0.1", *FAST]
+    root = uneven_copy(fmnist_small_root, tmp_path / "data")
+    common = ["--model", "mobilenet_v3_small", "--data.root", str(root), "--out-dir", str(tmp_path),
+              "--epochs", "1", "--data.max-train-batches", "6", "--data.batch-size", "8",
+              "--data.num-workers", "0", "--data.class-weighted-loss", "--ema-half-life-epochs", "0.1", *FAST]
     train.main(parse_cli([*common, "--name", "new"]))
+    weight = json.loads((tmp_path / "new" / "config.json").read_text())["derived"]["loss_class_weights"]
+    assert weight[0] > 1.5 * weight[1]  # the weights are really in play
     train.main(parse_cli([*common, "--name", "mixed", "--optim.mixup-alpha", "0.4"]))
     mixed = load_checkpoint(tmp_path / "mixed")["model"]["classifier.3.weight"]
     assert not torch.equal(load_checkpoint(tmp_path / "new")["model"]["classifier.3.weight"], mixed)

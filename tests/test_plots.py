@@ -18,6 +18,12 @@ def confusion(n: int) -> np.ndarray:
     return matrix
 
 
+def cell_texts(ax) -> dict[tuple[int, int], tuple[str, str]]:
+    """The numbers written in a heatmap's cells: {(column, row): (text, colour)}."""
+    return {(round(t.get_position()[0]), round(t.get_position()[1])): (t.get_text(), t.get_color())
+            for t in ax.texts}
+
+
 def png_size(path) -> tuple[int, int]:
     with Image.open(path) as image:
         assert image.format == "PNG"
@@ -34,15 +40,26 @@ def test_confusion_matrix_png(n, tmp_path):
     fig = plots.confusion_matrix_figure(matrix, classes, normalize=True)
     ax = fig.axes[0]
     shown = np.asarray(ax.images[0].get_array())
-    expected = np.divide(matrix, matrix.sum(1, keepdims=True), out=np.zeros((n, n)), where=matrix.sum(1, keepdims=True) > 0)
+    totals = matrix.sum(1, keepdims=True)
+    expected = np.divide(matrix, totals, out=np.zeros((n, n)), where=totals > 0)
     np.testing.assert_allclose(shown, expected)
     assert [t.get_text() for t in ax.get_yticklabels()] == classes  # every class named, in index order
     assert ax.get_xlabel() == "Predicted class" and ax.get_ylabel() == "True class"
-    # Numbers in the cells only while they can be read.
-    assert (len(ax.texts) > 0) == (n <= plots.ANNOTATE_MAX_CLASSES)
+    # Numbers in the cells only while they can be read: then each non-empty cell's value, at its place.
+    nonzero = [(int(r), int(c)) for r, c in np.argwhere(matrix)]
+    readable = n <= plots.ANNOTATE_MAX_CLASSES
+    shown_texts = {cell: text for cell, (text, _) in cell_texts(ax).items()}
+    assert shown_texts == ({(c, r): f"{expected[r, c]:.2f}" for r, c in nonzero} if readable else {})
+    counts = plots.confusion_matrix_figure(matrix, classes, normalize=False)
+    counts_ax = counts.axes[0]
+    np.testing.assert_array_equal(np.asarray(counts_ax.images[0].get_array()), matrix)
+    # White on the dark diagonal (20 images), black on the light errors (1 or 2).
+    want = {(c, r): (str(matrix[r, c]), "white" if r == c else "black") for r, c in nonzero}
+    assert cell_texts(counts_ax) == (want if readable else {})
+    assert counts_ax.get_title().endswith(f"counts: {matrix.sum()} images, {n} classes")
 
     # Rendering is the slow part (seconds at 100 classes): one PNG per size; both kinds share the layout.
-    plots.save_figure(plots.confusion_matrix_figure(matrix, classes, normalize=False), tmp_path / "counts.png")
+    plots.save_figure(counts, tmp_path / "counts.png")
     width, height = png_size(tmp_path / "counts.png")
     # At 110 dpi, >= ~12 px per class row keeps 100 names legible; under 2800 px keeps it viewable.
     assert 600 <= width <= 2800 and 600 <= height <= 2800
