@@ -199,14 +199,20 @@ def test_resume_auto_recovers_a_crashed_worker_under_torchrun(straight, fmnist_s
     assert same_weights(straight, tmp_path / "auto")
 
 
-def test_nan_loss_stops_and_names_the_batch(fmnist_small_root, tmp_path):
+def test_a_diverging_run_stops_before_saving_anything_nonfinite(fmnist_small_root, tmp_path):
+    """LR 1e6: which comes first depends on the CPU's kernels: a NaN loss (the batch is named and its 8
+    files listed), or weights gone NaN/inf after a step whose loss was still finite (the tensors named).
+    Either way the run stops before its first save."""
     proc = run_script(["train.py", *small_args(fmnist_small_root, tmp_path, "nan", "--epochs", "2", "--optim.lr", "1e6",
                                               "--optim.clip-grad-norm", "None", "--optim.warmup-epochs", "0",
                                               "--log-every-steps", "1")], cwd=REPO_ROOT)
     assert proc.returncode != 0
-    assert "the loss became NaN/inf in epoch 0, batch" in proc.stderr
-    listed = (tmp_path / "nan" / "nonfinite_batch.txt").read_text().split()
-    assert len(listed) == 8 and all(Path(p).is_file() for p in listed)
+    if "the loss became NaN/inf in epoch 0, batch" in proc.stderr:
+        listed = (tmp_path / "nan" / "nonfinite_batch.txt").read_text().split()
+        assert len(listed) == 8 and all(Path(p).is_file() for p in listed)
+    else:
+        assert re.search(r"error: after step \d+ the weights hold NaN/inf \(\S+", proc.stderr), proc.stderr
+        assert not (tmp_path / "nan" / "nonfinite_batch.txt").exists()
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()  # nothing NaN was saved
 
 
@@ -457,3 +463,28 @@ def test_a_nan_batch_is_named_within_log_every_steps(fmnist_small_root, tmp_path
     assert served[0] in listed and len(listed) == 8
     saved = finite_checkpoints(tmp_path / "nan")
     assert saved == (["best.pt", "last.pt"] if epoch == 1 else [])  # epoch 0's files only, when it finished
+
+
+def test_nonfinite_weights_after_a_finite_loss_are_never_saved(fmnist_small_root, tmp_path, monkeypatch):
+    """A BatchNorm statistic made NaN after the third training forward (its loss stays finite): the check
+    before the next save names the tensor and stops, and no saved file holds it."""
+    real_build = train.build_model
+    forwards = []
+
+    def poison_after_third_forward(module, inputs, output) -> None:
+        forwards.append(module.training)
+        if forwards.count(True) == 3 and module.training:  # step 3's forward; the next save is at step 4
+            module.running_var.data.fill_(float("nan"))  # .data: unseen by autograd, like a buffer update
+
+    def build_and_poison(*args, **kw):
+        model = real_build(*args, **kw)
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).register_forward_hook(
+            poison_after_third_forward)
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_and_poison)
+    args = small_args(fmnist_small_root, tmp_path, "w", "--epochs", "1", "--checkpoint-every-steps", "2")
+    with pytest.raises(SystemExit, match=r"after step 4 the weights hold NaN/inf \(features\.0\.1\.running_var"):
+        train.main(parse_cli(args))
+    assert ckpt.read_checkpoint(tmp_path / "w" / "checkpoints" / "last.pt")["step"] == 2
+    assert finite_checkpoints(tmp_path / "w") == ["last.pt"]
