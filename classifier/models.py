@@ -63,29 +63,41 @@ def build_model(
     stem_stride: int = 1,
     log=print,
 ) -> nn.Module:
-    """A torchvision model with `num_classes` outputs. With `pretrained`, the ImageNet (1000-class) weights
-    are loaded first and the head is replaced afterwards: torchvision refuses `num_classes` with weights.
-    `log` gets one line saying which weights were loaded."""
+    """A torchvision model with `num_classes` outputs. With `pretrained`, the weights are loaded into the
+    architecture they were trained in (ImageNet's 1000-class head, or another run's head and stem) and
+    the head is replaced afterwards. `log` gets one line saying which weights were loaded."""
     if name in LOCAL_MODELS:
         if pretrained is not None or small_input_stem:
             raise ValueError(f"--model {name} is trained from scratch and is built for small images: no --pretrained, no --small-input-stem")
         return LOCAL_MODELS[name](num_classes)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown --model {name!r}; torchvision classification models include resnet18, resnet50, ...")
+    small_stem_loaded = False  # a small stem that came with the pretrained weights
     if pretrained is None:
         model = torchvision.models.get_model(name, num_classes=num_classes)
     else:
+        state, source, trained_stem = read_pretrained(name, pretrained)
         model = torchvision.models.get_model(name, num_classes=1000)
-        state, source = read_pretrained(name, pretrained)
+        head_weight = state.get(f"{head_name(model)}.weight")
+        if head_weight is not None and head_weight.shape[0] != 1000:  # another run's head: its class count
+            model = torchvision.models.get_model(name, num_classes=head_weight.shape[0])
+        small_stem_loaded = trained_stem is not None and trained_stem["small_input_stem"]
+        if small_stem_loaded:  # the weights need the stem they were trained in
+            if (small_input_stem, stem_stride) != (True, trained_stem["stem_stride"]):
+                raise ValueError(
+                    f"--pretrained {pretrained} was trained with --small-input-stem --stem-stride "
+                    f"{trained_stem['stem_stride']}; pass the same"
+                )
+            use_small_input_stem(model, name, stem_stride)
         try:
             model.load_state_dict(state)
         except RuntimeError as err:  # missing/unexpected keys or shape mismatches
             raise ValueError(f"--pretrained {pretrained} does not fit {name}: {err}") from err
         log(f"pretrained: {source}")
         replace_head(model, num_classes)
-    if small_input_stem:
+    if small_input_stem and not small_stem_loaded:  # a fresh small stem (over ImageNet weights, if any)
         use_small_input_stem(model, name, stem_stride)
-    elif stem_stride != 1:
+    elif not small_input_stem and stem_stride != 1:
         raise ValueError(f"--stem-stride {stem_stride} needs --small-input-stem")
     return model
 
@@ -167,10 +179,11 @@ def use_small_input_stem(model: nn.Module, name: str, stride: int = 1) -> None:
     model.maxpool = nn.Identity()
 
 
-def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The ImageNet state dict for `name`, from TORCH_HOME's cache ('DEFAULT') or from a file, and which
-    weights those are, in words. From one of this project's checkpoints, the weights it validated and
-    preferred (the EMA's or the raw model's), as evaluate and export take them."""
+def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor], str, dict | None]:
+    """The state dict for `name`, from TORCH_HOME's cache ('DEFAULT') or from a file; which weights those
+    are, in words; and for one of this project's checkpoints, the stem it was trained with
+    ({"small_input_stem", "stem_stride"}, else None). From such a checkpoint, the weights it validated
+    and preferred (the EMA's or the raw model's), as evaluate and export take them."""
     from classifier.checkpoint import FORMAT, inference_weights  # checkpoint.py imports this module
 
     if pretrained == "DEFAULT":
@@ -196,10 +209,15 @@ def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor]
     except Exception as err:
         raise ValueError(f"cannot read pretrained weights {path}: {err}") from err
     if isinstance(state, dict) and state.get("format") == FORMAT:
+        config = state.get("config") or {}
+        if config.get("model", name) != name:
+            raise ValueError(f"--pretrained {path} is a {config['model']} checkpoint, not {name}")
+        stem = {"small_input_stem": config.get("small_input_stem", False),
+                "stem_stride": config.get("stem_stride", 1)}
         state, which = inference_weights(state)
-        return state, f"{'EMA' if which == 'ema' else 'raw'} weights of {path} (the ones validated)"
+        return state, f"{'EMA' if which == 'ema' else 'raw'} weights of {path} (the ones validated)", stem
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a common {"model": state_dict} wrapper
     if not isinstance(state, dict):
         raise ValueError(f"pretrained weights {path} do not hold a state dict")
-    return state, f"weights of {path}"
+    return state, f"weights of {path}", None

@@ -153,3 +153,30 @@ def test_stem_stride_two_halves_the_resolution_once():
         build_model("resnet18", 4, stem_stride=2)
     with pytest.raises(ValueError, match="1 or 2"):
         build_model("resnet18", 4, small_input_stem=True, stem_stride=3)
+
+
+def test_pretrained_from_another_runs_checkpoint_keeps_its_stem_and_swaps_its_head(tmp_path):
+    """Fine-tuning from one of our runs: its head has that run's class count and its stem may be the small
+    one. The weights are loaded into that architecture, then the head is replaced for the new classes."""
+    from classifier.config import TrainConfig, to_dict
+
+    source = build_model("resnet18", 3, small_input_stem=True, stem_stride=2)
+    config = to_dict(TrainConfig(model="resnet18", small_input_stem=True, stem_stride=2))
+    path = tmp_path / "best.pt"
+    state = {"model": source.state_dict(), "ema": None, "weights": "raw", "config": config}
+    ckpt.save_checkpoint(state, path)
+    loaded = build_model(
+        "resnet18",
+        5,
+        pretrained=str(path),
+        small_input_stem=True,
+        stem_stride=2,
+        log=lambda line: None,
+    )
+    assert torch.equal(loaded.conv1.weight, source.conv1.weight)  # the trained small stem, not a fresh one
+    assert torch.equal(loaded.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert loaded.fc.out_features == 5
+    with pytest.raises(ValueError, match="trained with --small-input-stem --stem-stride 2; pass the same"):
+        build_model("resnet18", 5, pretrained=str(path))
+    with pytest.raises(ValueError, match="is a resnet18 checkpoint, not resnet34"):
+        build_model("resnet34", 5, pretrained=str(path))
