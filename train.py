@@ -105,8 +105,9 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
 
     # --- data: one class mapping from train/, separate datasets per split ----------------------------
     d = cfg.data
+    expected_classes = resumed["classes"] if resumed else None
     try:
-        splits = build_splits(d.root, d.val_fraction, cfg.seed, classes=resumed["classes"] if resumed else None)
+        splits = build_splits(d.root, d.val_fraction, cfg.seed, classes=expected_classes)
     except (FileNotFoundError, ValueError) as err:  # each names the root, folder or class at fault
         raise SystemExit(f"error: {err}") from None
     classes, num_classes = splits.classes, len(splits.classes)
@@ -152,10 +153,11 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     # Derived once, never written back into cfg.
     accum = cfg.optim.grad_accum_steps
     batches_per_epoch = len(train_sampler) // d.batch_size
-    if d.max_train_batches is not None and d.max_train_batches < 1:
-        raise SystemExit(f"error: --data.max-train-batches {d.max_train_batches}: must be at least 1 (or None)")
-    if d.max_train_batches is not None or cfg.debug:  # --debug alone: 5 batches
-        batches_per_epoch = min(batches_per_epoch, d.max_train_batches if d.max_train_batches is not None else 5)
+    cap = d.max_train_batches
+    if cap is not None and cap < 1:
+        raise SystemExit(f"error: --data.max-train-batches {cap}: must be at least 1 (or None)")
+    if cap is not None or cfg.debug:  # --debug alone: 5 batches
+        batches_per_epoch = min(batches_per_epoch, cap if cap is not None else 5)
     steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch == 0:
         raise SystemExit(
@@ -185,7 +187,8 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     if cfg.optim.lr:
         lr_source = "--optim.lr or the preset"
     else:
-        lr_source = f"{cfg.optim.optimizer} default " + ("for fine-tuning" if cfg.pretrained else "from scratch")
+        regime = "for fine-tuning" if cfg.pretrained else "from scratch"
+        lr_source = f"{cfg.optim.optimizer} default {regime}"
     o = cfg.optim
     optimizer = build_optimizer(model, o.optimizer, lr=peak_lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
     loss_weights = inverse_frequency_weights(counts["train"]).to(device) if d.class_weighted_loss else None
@@ -245,8 +248,8 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)
         ckpt.write_text(run_dir / "labels_mapping.json", json.dumps(mapping, indent=2) + "\n")
     log.print(f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
-              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | peak lr {peak_lr:.1e} ({lr_source}) | "
-              f"{device} {precision.value}")
+              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | "
+              f"peak lr {peak_lr:.1e} ({lr_source}) | {device} {precision.value}")
     if dist_info.is_main and resumed is None:  # what the model sees; peek_batch draws from no RNG and no iterator
         plots.save_figure(plots.train_batch_figure(*peek_batch(train_loader, 64), classes, d.mean, d.std), run_dir / "plots" / "train_batch.png")
     if cfg.debug:
@@ -256,15 +259,18 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         verdict = "ok" if fitted else "FAILED: the model cannot fit one batch, look for a bug upstream"
         log.print(f"debug: overfit one batch: loss {first:.3f} -> {last:.3f} in 30 steps: {verdict}")
         if not fitted and cfg.debug_overfit_failure == "stop":
-            raise SystemExit("error: --debug's overfit-one-batch check failed (above); fix the model or the data, "
-                             "or pass --debug-overfit-failure continue to train anyway")
+            raise SystemExit(
+                "error: --debug's overfit-one-batch check failed (above); fix the model or the data, "
+                "or pass --debug-overfit-failure continue to train anyway"
+            )
 
     def state(epoch: int, batches_in_epoch: int, val: dict | None, drawn: torch.Tensor) -> dict:
         """Everything for resume and for inference; plain data, loadable with weights_only=True."""
         return dict(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     train_metrics={n: m.state_dict() for n, m in train_metrics.items()},
-                    epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best, rng=ckpt.rng_state(device),
+                    epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best,
+                    rng=ckpt.rng_state(device),
                     config=to_dict(cfg), classes=classes, preprocessing=preprocessing, model_name=cfg.model,
                     weights=weights_used, val_metrics=val, drawn=drawn, dataset=dataset,
                     logit_bias=adjust.tolist() if adjust is not None else None, precision=precision.value)
@@ -370,7 +376,8 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
                     log.print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss_value:.4f} | lr {lr:.2e} | "
                               + " | ".join([f"{rate:.0f} img/s", *skips]))
                 counters = {"skipped_nonfinite": skipped_nonfinite, "scaler_skipped_steps": scaler_skipped}
-                log.scalars(step, {"loss": loss_value, "lr": lr, "images_per_s": rate, **counters}, prefix="train/")
+                scalars = {"loss": loss_value, "lr": lr, "images_per_s": rate, **counters}
+                log.scalars(step, scalars, prefix="train/")
             stopping = stop.requested(device)  # a signal: save where we are and leave
             if stopping or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 stop_if_nonfinite()

@@ -83,7 +83,8 @@ def save_epoch(run_dir: Path, state: dict, epoch: int, *, keep: bool, drop: list
     save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
     without_resume_state = {k: v for k, v in state.items() if k not in RESUME_ONLY}
     if keep:
-        save_checkpoint(without_resume_state, run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt", keep_previous=False)
+        epoch_path = run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt"
+        save_checkpoint(without_resume_state, epoch_path, keep_previous=False)
     for e in drop:
         (run_dir / "checkpoints" / f"epoch-{e:03d}.pt").unlink(missing_ok=True)
     if best_weights is not None:
@@ -94,8 +95,10 @@ def save_epoch(run_dir: Path, state: dict, epoch: int, *, keep: bool, drop: list
 def check_resumable(checkpoint: dict, path: Path) -> None:
     missing = [key for key in RESUME_ONLY if key not in checkpoint]
     if missing:
-        raise SystemExit(f"error: {path} holds no {', '.join(missing)} state: best.pt and epoch-NNN.pt are for "
-                         "evaluate.py and export.py; resume from the run directory (its last.pt)")
+        raise SystemExit(
+            f"error: {path} holds no {', '.join(missing)} state: best.pt and epoch-NNN.pt are for "
+            "evaluate.py and export.py; resume from the run directory (its last.pt)"
+        )
 
 
 def write_text(path: Path, text: str) -> None:

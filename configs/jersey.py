@@ -37,5 +37,11 @@ CONFIG = TrainConfig(
     # MixUp and CutMix stay off: a CutMix box over part of "23" pasted from "7" reads as another number
     # entirely, not 0.6 of one and 0.4 of the other, and a MixUp blend of two numbers ghosts the digits the
     # same way; the rare numbers, few and drawn often, would also spend half their draws as someone's mix.
-    optim=OptimConfig(weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0),
+    optim=OptimConfig(
+        weight_decay=0.05,
+        warmup_epochs=1.0,
+        label_smoothing=0.1,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+    ),
 )
