@@ -89,18 +89,24 @@ class Classifier:
     source: Path  # the file whose weights are used (for a checkpoint: the one load_checkpoint read)
     backend: str
     weights: str
-    temperature: float | None  # None: none was fitted for these weights (an old run, or last.pt past the best epoch)
+    temperature: (
+        float | None
+    )  # None: none was fitted for these weights (an old run, or last.pt past the best epoch)
 
 
 def load_classifier(path: Path, device: str) -> Classifier:
     if path.suffix == ".onnx":
         sidecar = read_sidecar(path)
         if "data" not in sidecar:
-            raise SystemExit(f"error: {path}'s sidecar does not record the data split (export it with export.py)")
+            raise SystemExit(
+                f"error: {path}'s sidecar does not record the data split (export it with export.py)"
+            )
         session = onnx_session(path)
         return Classifier(
             predict=lambda images: torch.from_numpy(run_onnx(session, images, len(images))),
-            transform=graph_input_transform(sidecar.get("baked_preprocessing", "none"), sidecar["preprocessing"]),
+            transform=graph_input_transform(
+                sidecar.get("baked_preprocessing", "none"), sidecar["preprocessing"]
+            ),
             classes=classes_from_mapping(sidecar),
             preprocessing=sidecar["preprocessing"],
             data=sidecar["data"],
@@ -146,32 +152,67 @@ def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, l
     (with the predicted class's probability before and after dividing the logits by the temperature)."""
     classes = [row["class"] for row in report["per_class"]]
     ckpt.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    ckpt.write_text(out / "per_class.csv", to_csv(
-        ["class", "index", "support", "precision", "recall", "f1"],
-        [[r["class"], r["index"], r["support"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}"]
-         for r in worst_first(report["per_class"])],
-    ))
-    ckpt.write_text(out / "confused_pairs.csv", to_csv(
-        ["true", "predicted", "count", "share_of_true"],
-        [[p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.4f}"] for p in report["most_confused"]],
-    ))
-    ckpt.write_text(out / "confusion_matrix.csv", to_csv(
-        ["true \\ predicted", *classes], [[name, *row] for name, row in zip(classes, report["confusion"], strict=True)]
-    ))
+    ckpt.write_text(
+        out / "per_class.csv",
+        to_csv(
+            ["class", "index", "support", "precision", "recall", "f1"],
+            [
+                [
+                    r["class"],
+                    r["index"],
+                    r["support"],
+                    f"{r['precision']:.4f}",
+                    f"{r['recall']:.4f}",
+                    f"{r['f1']:.4f}",
+                ]
+                for r in worst_first(report["per_class"])
+            ],
+        ),
+    )
+    ckpt.write_text(
+        out / "confused_pairs.csv",
+        to_csv(
+            ["true", "predicted", "count", "share_of_true"],
+            [
+                [p["true"], p["predicted"], p["count"], f"{p['share_of_true']:.4f}"]
+                for p in report["most_confused"]
+            ],
+        ),
+    )
+    ckpt.write_text(
+        out / "confusion_matrix.csv",
+        to_csv(
+            ["true \\ predicted", *classes],
+            [[name, *row] for name, row in zip(classes, report["confusion"], strict=True)],
+        ),
+    )
     confidence, predicted = logits.softmax(dim=1).max(dim=1)
     # T > 0 keeps the argmax, so the calibrated probability is the same class's.
     calibrated = (logits / report["temperature"]).softmax(dim=1).max(dim=1).values
-    rows = zip(samples, labels.tolist(), predicted.tolist(), confidence.tolist(), calibrated.tolist(),
-               strict=True)
-    ckpt.write_text(out / "predictions.csv", to_csv(
-        ["path", "true", "predicted", "confidence", "confidence_calibrated", "correct"],
-        [[path, classes[t], classes[p], f"{c:.4f}", f"{c_cal:.4f}", int(t == p)]
-         for (path, _), t, p, c, c_cal in rows],
-    ))
+    rows = zip(
+        samples, labels.tolist(), predicted.tolist(), confidence.tolist(), calibrated.tolist(), strict=True
+    )
+    ckpt.write_text(
+        out / "predictions.csv",
+        to_csv(
+            ["path", "true", "predicted", "confidence", "confidence_calibrated", "correct"],
+            [
+                [path, classes[t], classes[p], f"{c:.4f}", f"{c_cal:.4f}", int(t == p)]
+                for (path, _), t, p, c, c_cal in rows
+            ],
+        ),
+    )
 
 
-def write_pictures(out: Path, report: dict, samples: list, logits: torch.Tensor, labels: torch.Tensor,
-                   preprocessing: dict, errors: int) -> None:
+def write_pictures(
+    out: Path,
+    report: dict,
+    samples: list,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    preprocessing: dict,
+    errors: int,
+) -> None:
     """Both confusion matrices, and the `errors` most confidently wrong images as the model saw them."""
     classes = [row["class"] for row in report["per_class"]]
     for normalize, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
@@ -179,17 +220,26 @@ def write_pictures(out: Path, report: dict, samples: list, logits: torch.Tensor,
     confidence, predicted = logits.softmax(dim=1).max(dim=1)
     wrong = confident_errors(logits, labels, errors)
     crop = eval_resize_crop(preprocessing)  # the pixels the model saw, before normalization
-    plots.save_figure(plots.errors_grid_figure(
-        [crop(load_image(samples[i][0])) for i in wrong],
-        [classes[int(labels[i])] for i in wrong],
-        [classes[int(predicted[i])] for i in wrong],
-        [confidence[i].item() for i in wrong],
-    ), out / "errors.png")
+    plots.save_figure(
+        plots.errors_grid_figure(
+            [crop(load_image(samples[i][0])) for i in wrong],
+            [classes[int(labels[i])] for i in wrong],
+            [classes[int(predicted[i])] for i in wrong],
+            [confidence[i].item() for i in wrong],
+        ),
+        out / "errors.png",
+    )
     temperature = report["temperature"]
-    plots.save_figure(plots.reliability_figure(
-        reliability_bins(logits, labels), reliability_bins(logits / temperature, labels), temperature,
-        report["ece"], report["ece_calibrated"],
-    ), out / "reliability.png")
+    plots.save_figure(
+        plots.reliability_figure(
+            reliability_bins(logits, labels),
+            reliability_bins(logits / temperature, labels),
+            temperature,
+            report["ece"],
+            report["ece_calibrated"],
+        ),
+        out / "reliability.png",
+    )
 
 
 def main(args: EvalArgs) -> dict:
@@ -237,11 +287,15 @@ def main(args: EvalArgs) -> dict:
         f"macro F1 {report['macro_f1']:.4f} | balanced acc {report['balanced_accuracy']:.4f} | ECE {report['ece']:.4f}"
     )
     if model.temperature is None:
-        print(f"calibration: no temperature stored with {model.source.name}: T = 1.0, probabilities uncalibrated | "
-              f"NLL {report['nll']:.4f}")
+        print(
+            f"calibration: no temperature stored with {model.source.name}: T = 1.0, probabilities uncalibrated | "
+            f"NLL {report['nll']:.4f}"
+        )
     else:
-        print(f"calibration: temperature {report['temperature']:.3f} | ECE {report['ece']:.4f} -> {report['ece_calibrated']:.4f} | "
-              f"NLL {report['nll']:.4f} -> {report['nll_calibrated']:.4f}")
+        print(
+            f"calibration: temperature {report['temperature']:.3f} | ECE {report['ece']:.4f} -> {report['ece_calibrated']:.4f} | "
+            f"NLL {report['nll']:.4f} -> {report['nll_calibrated']:.4f}"
+        )
     worst = ", ".join(f"{r['class']} {r['f1']:.2f}" for r in worst_first(report["per_class"])[:5])
     print(f"worst classes by F1: {worst}\nwrote {out}/")
     return report

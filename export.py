@@ -86,7 +86,9 @@ def load_source(path: Path) -> tuple[nn.Module, dict]:
         weights=weights,
         source=state["loaded_from"],  # the file read: last.prev.pt when last.pt was unreadable
         data=dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]),
-        temperature=state.get("temperature"),  # None: trained before calibration, or last.pt past best's epoch
+        temperature=state.get(
+            "temperature"
+        ),  # None: trained before calibration, or last.pt past best's epoch
     )
     return model, facts
 
@@ -99,18 +101,27 @@ def load_safetensors(path: Path) -> tuple[nn.Module, dict]:
         meta = decode_metadata(f.metadata() or {})
     missing = [key for key in ("idx_to_class", "num_classes", "preprocessing", "model") if key not in meta]
     if missing:
-        raise SystemExit(f"error: {path} lacks the metadata keys {missing}; export from the .pt checkpoint instead")
+        raise SystemExit(
+            f"error: {path} lacks the metadata keys {missing}; export from the .pt checkpoint instead"
+        )
     if "small_input_stem" not in meta or "data" not in meta:
         config_path = path.parent / "config.json"
         if not config_path.is_file():
             raise SystemExit(f"error: {path} does not say its architecture and no {config_path} is beside it")
         cfg = json.loads(config_path.read_text())
         meta.setdefault("small_input_stem", cfg["small_input_stem"])
-        meta.setdefault("data", dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]))
+        meta.setdefault(
+            "data", dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"])
+        )
     classes = classes_from_mapping(meta)
     fitted = meta.get("temperature_fitted", False)  # a file that does not say is read as not fitted
     meta.setdefault("stem_stride", 1)  # files written before the option existed
-    model = build_model(meta["model"], len(classes), small_input_stem=meta["small_input_stem"], stem_stride=meta["stem_stride"])
+    model = build_model(
+        meta["model"],
+        len(classes),
+        small_input_stem=meta["small_input_stem"],
+        stem_stride=meta["stem_stride"],
+    )
     model.load_state_dict(load_file(path))  # strict: a mismatched architecture fails here, loudly
     facts = dict(
         classes=classes,
@@ -133,7 +144,9 @@ def build_sidecar(facts: dict, input_kind: str) -> dict:
     preprocessing, crop = dict(facts["preprocessing"]), facts["preprocessing"]["center_crop"]
     graph_input = input_spec(input_kind, crop)
     if input_kind != "none":  # describe what the consumer does, so nobody normalizes twice
-        preprocessing.update(layout=graph_input["layout"], dtype="uint8", scale=graph_input["normalized_inside"])
+        preprocessing.update(
+            layout=graph_input["layout"], dtype="uint8", scale=graph_input["normalized_inside"]
+        )
     return ckpt.labels_mapping(
         facts["classes"],
         preprocessing,
@@ -146,8 +159,11 @@ def build_sidecar(facts: dict, input_kind: str) -> dict:
         source_checkpoint=facts["source"],
         baked_preprocessing=input_kind,
         input=graph_input,
-        output={"name": OUTPUT_NAME, "shape": ["batch", len(facts["classes"])],
-                "meaning": "raw logits; probabilities = softmax(logits / temperature)"},
+        output={
+            "name": OUTPUT_NAME,
+            "shape": ["batch", len(facts["classes"])],
+            "meaning": "raw logits; probabilities = softmax(logits / temperature)",
+        },
         data=facts["data"],
         **temperature_facts(facts.get("temperature")),
         exporter=f"torch {torch.__version__} dynamo exporter, ONNX opset {OPSET}",
@@ -158,19 +174,24 @@ def temperature_facts(temperature: float | None) -> dict:
     """The sidecar's temperature and a line on how to use it. The graph's logits are never divided by
     it (argmax, and so every accuracy number, is the same either way); a source without one gets 1.0."""
     if temperature is None:
-        note = ("no temperature was fitted for these weights (a checkpoint from before calibration, or not best.pt): "
-                "1.0, probabilities = softmax(logits) are uncalibrated")
+        note = (
+            "no temperature was fitted for these weights (a checkpoint from before calibration, or not best.pt): "
+            "1.0, probabilities = softmax(logits) are uncalibrated"
+        )
         return {"temperature": 1.0, "temperature_fitted": False, "temperature_note": note}
-    note = ("probabilities = softmax(logits / temperature), temperature fitted on the validation split; the "
-            "exported logits are NOT divided by it (argmax unchanged)")
+    note = (
+        "probabilities = softmax(logits / temperature), temperature fitted on the validation split; the "
+        "exported logits are NOT divided by it (argmax unchanged)"
+    )
     return {"temperature": float(temperature), "temperature_fitted": True, "temperature_note": note}
 
 
 # --- which images to verify on -----------------------------------------------------------------------
 
 
-def verification_images(root: Path, classes: list[str], val_fraction: float, seed: int, n: int, size: int, *,
-                        root_given: bool):
+def verification_images(
+    root: Path, classes: list[str], val_fraction: float, seed: int, n: int, size: int, *, root_given: bool
+):
     """(up to `n` real validation images as uint8 CHW, spread over the classes; a line saying what they
     are). Data that is there but does not fit the model (other classes, no images) or a --data-root that
     cannot be read stops the export, as it stops evaluate.py: random images would let an export pass that
@@ -178,11 +199,14 @@ def verification_images(root: Path, classes: list[str], val_fraction: float, see
     machine and `root_given` is False): seeded random images, and a line starting with NOTE."""
     if not root_given and not root.exists():
         generator = torch.Generator().manual_seed(0)
-        images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator)
-                  for _ in range(n)]
-        return images, (f"NOTE: the run's data root {root} is not on this machine and no --data-root "
-                        f"was given; verifying on {n} SYNTHETIC random images only, real-image parity NOT "
-                        "checked")
+        images = [
+            torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator) for _ in range(n)
+        ]
+        return images, (
+            f"NOTE: the run's data root {root} is not on this machine and no --data-root "
+            f"was given; verifying on {n} SYNTHETIC random images only, real-image parity NOT "
+            "checked"
+        )
     where = "--data-root" if root_given else "the run's data root"
     if not root.is_dir():
         raise SystemExit(f"error: {where} {root} is not a folder; nothing was exported")
@@ -242,8 +266,10 @@ def main(args: ExportArgs) -> Path:
             atol=args.atol,
         )
         if not passed:
-            raise SystemExit(f"error: ONNX Runtime disagrees with PyTorch on {source}'s export (see above); "
-                             f"the export was discarded, nothing new in {out}")
+            raise SystemExit(
+                f"error: ONNX Runtime disagrees with PyTorch on {source}'s export (see above); "
+                f"the export was discarded, nothing new in {out}"
+            )
         temp["labels_mapping.json"].write_text(json.dumps(sidecar, indent=2) + "\n")
         ckpt.save_safetensors(model.state_dict(), temp["model.safetensors"], sidecar)
         for name in names:

@@ -95,7 +95,11 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
     channels_last = hardware.resolve_channels_last(cfg.channels_last, device, precision.value)
     processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     num_workers = hardware.resolve_num_workers(cfg.data.num_workers, processes_per_node)
-    requested = {"precision": cfg.precision, "channels_last": cfg.channels_last, "num_workers": cfg.data.num_workers}
+    requested = {
+        "precision": cfg.precision,
+        "channels_last": cfg.channels_last,
+        "num_workers": cfg.data.num_workers,
+    }
     choices = {"precision": precision, "channels_last": channels_last, "num_workers": num_workers}
     for name, choice in choices.items():
         log.print(f"{'warning: ' if choice.warn else ''}{name} {choice.value}: {choice.reason}")
@@ -112,38 +116,73 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         raise SystemExit(f"error: {err}") from None
     classes, num_classes = splits.classes, len(splits.classes)
     if not distributed.all_equal(classes):
-        raise SystemExit(f"error: the ranks read different class folders from {d.root}; is it the same data on every node?")
+        raise SystemExit(
+            f"error: the ranks read different class folders from {d.root}; is it the same data on every node?"
+        )
     if d.scan_images:  # decode every file once now, rather than crash in a worker in epoch 3
-        splits = drop_unreadable(splits, d.root, skip=d.skip_bad_images, workers=max(1, num_workers.value),
-                                 rank=dist_info.rank, world_size=dist_info.world_size, report=run_dir / "bad_images.txt" if dist_info.is_main else None, log=log.print)
+        splits = drop_unreadable(
+            splits,
+            d.root,
+            skip=d.skip_bad_images,
+            workers=max(1, num_workers.value),
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            report=run_dir / "bad_images.txt" if dist_info.is_main else None,
+            log=log.print,
+        )
     counts = {s: class_counts(getattr(splits, s), num_classes) for s in ("train", "val", "test")}
     dataset = fingerprint(splits)
     if resumed is not None and resumed["dataset"] != dataset:
         # The samplers index the file list: on other files, the same positions are other images.
-        changed = (f"the files under {d.root} changed since the checkpoint was written (counts were "
-                   f"{resumed['dataset']['counts']}, now {dataset['counts']})")
+        changed = (
+            f"the files under {d.root} changed since the checkpoint was written (counts were "
+            f"{resumed['dataset']['counts']}, now {dataset['counts']})"
+        )
         if not cfg.accept_config_changes:
-            raise SystemExit(f"error: {changed}; resumed on them, the run would not continue the interrupted "
-                             "one exactly. Pass --accept-config-changes to continue on the new files.")
+            raise SystemExit(
+                f"error: {changed}; resumed on them, the run would not continue the interrupted "
+                "one exactly. Pass --accept-config-changes to continue on the new files."
+            )
         log.print(f"warning: {changed}; continuing on the new files (--accept-config-changes)")
     log.print(class_table(classes, counts))
     preprocessing = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
-    augment = train_transform(d.image_size, d.crop_scale, d.crop_ratio, d.hflip, d.color_jitter, d.mean, d.std, d.interpolation,
-                              auto_augment=d.auto_augment, randaugment_num_ops=d.randaugment_num_ops,
-                              randaugment_magnitude=d.randaugment_magnitude, random_erasing=d.random_erasing)
+    augment = train_transform(
+        d.image_size,
+        d.crop_scale,
+        d.crop_ratio,
+        d.hflip,
+        d.color_jitter,
+        d.mean,
+        d.std,
+        d.interpolation,
+        auto_augment=d.auto_augment,
+        randaugment_num_ops=d.randaugment_num_ops,
+        randaugment_magnitude=d.randaugment_magnitude,
+        random_erasing=d.random_erasing,
+    )
     train_set = ImageDataset(splits.train, augment)
     val_set = ImageDataset(splits.val, eval_transform(preprocessing))
     labels = torch.tensor([label for _, label in splits.train])
     sample_weights = sampler_weights(labels, counts["train"], d.sampler_alpha) if d.weighted_sampler else None
     rank, world = dist_info.rank, dist_info.world_size
-    train_sampler = EpochSampler(len(train_set), shuffle=True, seed=cfg.seed, weights=sample_weights, rank=rank, world_size=world)
+    train_sampler = EpochSampler(
+        len(train_set), shuffle=True, seed=cfg.seed, weights=sample_weights, rank=rank, world_size=world
+    )
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=rank, world_size=world)
     workers = 0 if cfg.debug else num_workers.value  # main-process loading: breakpoints in data code work
     loader_args = dict(batch_size=d.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     if d.fast_path:  # decoded once into tensors, augmented a batch at a time on the device
-        train_loader, val_loader = make_tensor_loaders(splits, train_sampler, val_sampler, d, preprocessing, device=device,
-                                                       channels_last=channels_last.value, workers=workers,
-                                                       progress=cfg.progress and dist_info.is_main)
+        train_loader, val_loader = make_tensor_loaders(
+            splits,
+            train_sampler,
+            val_sampler,
+            d,
+            preprocessing,
+            device=device,
+            channels_last=channels_last.value,
+            workers=workers,
+            progress=cfg.progress and dist_info.is_main,
+        )
     else:
         train_loader = make_loader(train_set, train_sampler, drop_last=True, **loader_args)
         val_loader = make_loader(val_set, val_sampler, drop_last=False, **loader_args)
@@ -166,8 +205,13 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    milestones = milestones_in_steps(cfg.optim.schedule, cfg.optim.step_size_epochs, cfg.optim.milestones_epochs,
-                                     steps_per_epoch, total_steps)
+    milestones = milestones_in_steps(
+        cfg.optim.schedule,
+        cfg.optim.step_size_epochs,
+        cfg.optim.milestones_epochs,
+        steps_per_epoch,
+        total_steps,
+    )
     global_batch = d.batch_size * world * accum
 
     # --- model, loss, optimizer, precision -----------------------------------------------------------
@@ -190,14 +234,20 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         regime = "for fine-tuning" if cfg.pretrained else "from scratch"
         lr_source = f"{cfg.optim.optimizer} default {regime}"
     o = cfg.optim
-    optimizer = build_optimizer(model, o.optimizer, lr=peak_lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
+    optimizer = build_optimizer(
+        model, o.optimizer, lr=peak_lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas
+    )
     loss_weights = inverse_frequency_weights(counts["train"]).to(device) if d.class_weighted_loss else None
     # Logit adjustment: a fixed per-class vector added to the logits wherever they are judged or shipped.
-    adjust = logit_bias(cfg.logit_adjustment, counts["train"], d.sampler_alpha if d.weighted_sampler else None, loss_weights)
+    adjust = logit_bias(
+        cfg.logit_adjustment, counts["train"], d.sampler_alpha if d.weighted_sampler else None, loss_weights
+    )
     rare = rarest_classes(counts["train"])  # their recall goes next to top-1 in the log
     # Int labels: the plain nn.CrossEntropyLoss; MixUp/CutMix soft targets: the same weights and smoothing.
     criterion = build_criterion(weight=loss_weights, label_smoothing=o.label_smoothing)
-    mixer = BatchMixer(num_classes, mixup_alpha=o.mixup_alpha, cutmix_alpha=o.cutmix_alpha, mix_prob=o.mix_prob)
+    mixer = BatchMixer(
+        num_classes, mixup_alpha=o.mixup_alpha, cutmix_alpha=o.cutmix_alpha, mix_prob=o.mix_prob
+    )
     # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and needs none. A
     # disabled scaler is a pass-through, so the step below has one path for every precision.
     scaler = torch.amp.GradScaler(device.type, enabled=precision.value == "fp16")
@@ -208,7 +258,12 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
 
     # --- resume: every piece of state that decides what happens next --------------------------------
     step, start_epoch, batches_done = 0, 0, 0
-    best = {"metric": cfg.select_metric, "value": float("-inf"), "epoch": -1, "kept": []}  # kept: [[value, epoch], ...]
+    best = {
+        "metric": cfg.select_metric,
+        "value": float("-inf"),
+        "epoch": -1,
+        "kept": [],
+    }  # kept: [[value, epoch], ...]
     weights_used = "ema" if ema is not None else "raw"  # which weights the last validation preferred
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -219,41 +274,82 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
             scaler.load_state_dict(resumed["scaler"])
         for name, metric in train_metrics.items():
             metric.load_state_dict(resumed["train_metrics"][name])
-        step, start_epoch, batches_done, best = resumed["step"], resumed["epoch"], resumed["batches_in_epoch"], resumed["best"]
+        step, start_epoch, batches_done, best = (
+            resumed["step"],
+            resumed["epoch"],
+            resumed["batches_in_epoch"],
+            resumed["best"],
+        )
         weights_used = resumed["weights"]
         ckpt.restore_rng(resumed["rng"])
-        log.print(f"resumed {run_dir} at epoch {start_epoch}, step {step} ({batches_done} batches into the epoch)")
+        log.print(
+            f"resumed {run_dir} at epoch {start_epoch}, step {step} ({batches_done} batches into the epoch)"
+        )
 
     # Wrap last: checkpoints and EMA always see the plain `model`; `net` is what the step calls.
     net = model
     if cfg.sync_batchnorm and dist_info.enabled:
         if device.type != "cuda":
-            raise SystemExit("error: --sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)")
+            raise SystemExit(
+                "error: --sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)"
+            )
         model = net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps BN layers in place, same tensors
     if dist_info.enabled:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:
         net = torch.compile(net)
 
     # --- what the run directory holds before the first step ------------------------------------------
     ema_decay = decay_per_step(cfg.ema_half_life_epochs, steps_per_epoch) if ema is not None else None
-    derived = dict(world_size=world, global_batch=global_batch, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                   warmup_steps=warmup_steps, peak_lr=peak_lr, ema_decay_per_step=ema_decay,
-                   loss_class_weights=loss_weights.tolist() if loss_weights is not None else None,
-                   logit_bias=adjust.tolist() if adjust is not None else None)
-    resolved = {name: {"requested": requested[name], "value": c.value, "reason": c.reason} for name, c in choices.items()}
+    derived = dict(
+        world_size=world,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        peak_lr=peak_lr,
+        ema_decay_per_step=ema_decay,
+        loss_class_weights=loss_weights.tolist() if loss_weights is not None else None,
+        logit_bias=adjust.tolist() if adjust is not None else None,
+    )
+    resolved = {
+        name: {"requested": requested[name], "value": c.value, "reason": c.reason}
+        for name, c in choices.items()
+    }
     if dist_info.is_main:
-        save_json(cfg, run_dir / "config.json", derived=derived, resolved=resolved, machine=hardware.describe(),
-                  dataset=dataset, **environment())
+        save_json(
+            cfg,
+            run_dir / "config.json",
+            derived=derived,
+            resolved=resolved,
+            machine=hardware.describe(),
+            dataset=dataset,
+            **environment(),
+        )
         mapping = ckpt.labels_mapping(classes, preprocessing, cfg.model)
         ckpt.write_text(run_dir / "labels_mapping.json", json.dumps(mapping, indent=2) + "\n")
-    log.print(f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
-              f"global batch {global_batch} | {steps_per_epoch} steps/epoch | "
-              f"peak lr {peak_lr:.1e} ({lr_source}) | {device} {precision.value}")
-    if dist_info.is_main and resumed is None:  # what the model sees; peek_batch draws from no RNG and no iterator
-        plots.save_figure(plots.train_batch_figure(*peek_batch(train_loader, 64), classes, d.mean, d.std), run_dir / "plots" / "train_batch.png")
+    log.print(
+        f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
+        f"global batch {global_batch} | {steps_per_epoch} steps/epoch | "
+        f"peak lr {peak_lr:.1e} ({lr_source}) | {device} {precision.value}"
+    )
+    if (
+        dist_info.is_main and resumed is None
+    ):  # what the model sees; peek_batch draws from no RNG and no iterator
+        plots.save_figure(
+            plots.train_batch_figure(*peek_batch(train_loader, 64), classes, d.mean, d.std),
+            run_dir / "plots" / "train_batch.png",
+        )
     if cfg.debug:
-        images, targets = next(iter(make_loader(train_set, EpochSampler(len(train_set), shuffle=False), **loader_args, drop_last=True)))
+        images, targets = next(
+            iter(
+                make_loader(
+                    train_set, EpochSampler(len(train_set), shuffle=False), **loader_args, drop_last=True
+                )
+            )
+        )
         first, last = overfit_one_batch(model, images.to(device), targets.to(device))
         fitted = last < 0.5 * first
         verdict = "ok" if fitted else "FAILED: the model cannot fit one batch, look for a bug upstream"
@@ -266,14 +362,28 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
 
     def state(epoch: int, batches_in_epoch: int, val: dict | None, drawn: torch.Tensor) -> dict:
         """Everything for resume and for inference; plain data, loadable with weights_only=True."""
-        return dict(model=model.state_dict(), ema=ema.state_dict() if ema is not None else None,
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                    train_metrics={n: m.state_dict() for n, m in train_metrics.items()},
-                    epoch=epoch, batches_in_epoch=batches_in_epoch, step=step, best=best,
-                    rng=ckpt.rng_state(device),
-                    config=to_dict(cfg), classes=classes, preprocessing=preprocessing, model_name=cfg.model,
-                    weights=weights_used, val_metrics=val, drawn=drawn, dataset=dataset,
-                    logit_bias=adjust.tolist() if adjust is not None else None, precision=precision.value)
+        return dict(
+            model=model.state_dict(),
+            ema=ema.state_dict() if ema is not None else None,
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            train_metrics={n: m.state_dict() for n, m in train_metrics.items()},
+            epoch=epoch,
+            batches_in_epoch=batches_in_epoch,
+            step=step,
+            best=best,
+            rng=ckpt.rng_state(device),
+            config=to_dict(cfg),
+            classes=classes,
+            preprocessing=preprocessing,
+            model_name=cfg.model,
+            weights=weights_used,
+            val_metrics=val,
+            drawn=drawn,
+            dataset=dataset,
+            logit_bias=adjust.tolist() if adjust is not None else None,
+            precision=precision.value,
+        )
 
     watch = NonFiniteWatch(device)
     skipped_nonfinite = 0  # --nonfinite-loss skip: batches left out
@@ -294,25 +404,47 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
                 )
             return
         bad_epoch, bad_batch = bad
-        paths = [splits.train[i][0] for r in range(world) for i in train_sampler.batch_indices(bad_batch, d.batch_size, rank=r)]
+        paths = [
+            splits.train[i][0]
+            for r in range(world)
+            for i in train_sampler.batch_indices(bad_batch, d.batch_size, rank=r)
+        ]
         if dist_info.is_main:
             ckpt.write_text(run_dir / "nonfinite_batch.txt", "\n".join(paths) + "\n")
-        raise SystemExit(f"error: the loss became NaN/inf in epoch {bad_epoch}, batch {bad_batch} (near step {step}); "
-                         f"its files are listed in {run_dir / 'nonfinite_batch.txt'}. The last checkpoint is from "
-                         "before it. Lower --optim.lr, check those images, or pass --nonfinite-loss skip.")
+        raise SystemExit(
+            f"error: the loss became NaN/inf in epoch {bad_epoch}, batch {bad_batch} (near step {step}); "
+            f"its files are listed in {run_dir / 'nonfinite_batch.txt'}. The last checkpoint is from "
+            "before it. Lower --optim.lr, check those images, or pass --nonfinite-loss skip."
+        )
 
     # --- the epochs ----------------------------------------------------------------------------------
     val = resumed.get("val_metrics") if resumed else None
-    schedule = functools.partial(lr_at, peak_lr=peak_lr, warmup_steps=warmup_steps, total_steps=total_steps,
-                                 min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, milestones=milestones, gamma=o.gamma)
+    schedule = functools.partial(
+        lr_at,
+        peak_lr=peak_lr,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        min_lr_ratio=o.min_lr_ratio,
+        schedule=o.schedule,
+        milestones=milestones,
+        gamma=o.gamma,
+    )
     lr = schedule(step)
     for epoch in range(start_epoch, cfg.epochs):
         train_sampler.set_epoch(epoch, start=batches_done * d.batch_size)
         net.train()
         drawn = torch.zeros(num_classes, dtype=torch.long)  # what the sampler actually delivered
         if resumed is not None and epoch == start_epoch and batches_done > 0 and dist_info.is_main:
-            drawn = resumed["drawn"].clone()  # all ranks' counts so far in this epoch, summed: rank 0 holds them
-        bar = tqdm(total=batches_per_epoch, initial=batches_done, desc=f"epoch {epoch}", disable=not (cfg.progress and dist_info.is_main), leave=False)
+            drawn = resumed[
+                "drawn"
+            ].clone()  # all ranks' counts so far in this epoch, summed: rank 0 holds them
+        bar = tqdm(
+            total=batches_per_epoch,
+            initial=batches_done,
+            desc=f"epoch {epoch}",
+            disable=not (cfg.progress and dist_info.is_main),
+            leave=False,
+        )
         tick, images_since_tick = time.perf_counter(), 0
         for images, labels in itertools.islice(train_loader, batches_per_epoch - batches_done):
             drawn += torch.bincount(labels, minlength=num_classes)
@@ -337,7 +469,9 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
                     scaler.scale(loss / accum).backward()
                     train_metrics["loss"].update(loss.detach().float(), weight=len(labels))
                     # Mixed batches: top-1 against the soft target's argmax (the larger share of the mix).
-                    train_metrics["top1"].update(logits.detach(), targets.argmax(dim=1) if mixer.enabled else labels)
+                    train_metrics["top1"].update(
+                        logits.detach(), targets.argmax(dim=1) if mixer.enabled else labels
+                    )
             if cfg.nonfinite_loss == "stop":  # every precision: the forward poisoned BatchNorm either way
                 watch.update(loss, epoch, batches_done - 1)
             images_since_tick += len(labels)
@@ -373,8 +507,10 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
                 skips = [f"{skipped_nonfinite} non-finite batches skipped"] if skipped_nonfinite else []
                 skips += [f"{scaler_skipped} steps skipped by the fp16 GradScaler"] if scaler_skipped else []
                 if not cfg.progress:
-                    log.print(f"step {step}/{total_steps} | epoch {epoch} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                              + " | ".join([f"{rate:.0f} img/s", *skips]))
+                    log.print(
+                        f"step {step}/{total_steps} | epoch {epoch} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                        + " | ".join([f"{rate:.0f} img/s", *skips])
+                    )
                 counters = {"skipped_nonfinite": skipped_nonfinite, "scaler_skipped_steps": scaler_skipped}
                 scalars = {"loss": loss_value, "lr": lr, "images_per_s": rate, **counters}
                 log.scalars(step, scalars, prefix="train/")
@@ -383,9 +519,13 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
                 stop_if_nonfinite()
                 drawn_so_far = distributed.all_reduce_sum(drawn.clone())
                 if dist_info.is_main:
-                    ckpt.save_checkpoint(state(epoch, batches_done, val, drawn_so_far), run_dir / "checkpoints" / "last.pt")
+                    ckpt.save_checkpoint(
+                        state(epoch, batches_done, val, drawn_so_far), run_dir / "checkpoints" / "last.pt"
+                    )
             if stopping:
-                log.print(f"stopped at step {step} (epoch {epoch}); continue with: python train.py --resume {run_dir}")
+                log.print(
+                    f"stopped at step {step} (epoch {epoch}); continue with: python train.py --resume {run_dir}"
+                )
                 raise SystemExit(stop.exit_code)
         bar.close()
 
@@ -394,7 +534,10 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
         batches_done = 0
         distributed.all_reduce_sum(drawn)
         if epoch == start_epoch:
-            log.print("images drawn per class this epoch: " + ", ".join(f"{c}={n}" for c, n in zip(classes, drawn.tolist(), strict=True)))
+            log.print(
+                "images drawn per class this epoch: "
+                + ", ".join(f"{c}={n}" for c, n in zip(classes, drawn.tolist(), strict=True))
+            )
         train = {name: m.compute().item() for name, m in train_metrics.items()}  # syncs across ranks
         for metric in train_metrics.values():
             metric.reset()
@@ -403,31 +546,79 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
             distributed.broadcast_buffers(ema)
         # Validate the EMA and the raw weights alike; the better one by select_metric is this epoch's result.
         candidates = {"ema": ema.module, "raw": model} if ema is not None else {"raw": model}
-        results = {which: evaluate(m, val_loader, val_metrics, device=device, autocast=autocast, channels_last=channels_last.value,
-                                   logit_bias=adjust.to(device) if adjust is not None else None) for which, m in candidates.items()}
+        results = {
+            which: evaluate(
+                m,
+                val_loader,
+                val_metrics,
+                device=device,
+                autocast=autocast,
+                channels_last=channels_last.value,
+                logit_bias=adjust.to(device) if adjust is not None else None,
+            )
+            for which, m in candidates.items()
+        }
         weights_used = pick_weights(results, cfg.select_metric)
         val = results[weights_used]
         best, improved, dropped = update_best(best, val[cfg.select_metric], epoch, cfg.keep_best)
         other = "raw" if weights_used == "ema" else "ema"
-        versus = f" ({weights_used}; {other} {results[other][cfg.select_metric]:.4f})" if ema is not None else ""
-        log.print(f"epoch {epoch} | train loss {train['loss']:.4f} top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f}"
-                  f" macro-F1 {val['macro_f1']:.4f}{versus}{rare_recall_text(val['per_class_acc'], classes, rare)}"
-                  f" | best {cfg.select_metric} {best['value']:.4f} (epoch {best['epoch']})")
-        log.epoch({"epoch": epoch, "step": step, "lr": lr, "train": train, "val": val, "weights": weights_used, "drawn_per_class": drawn.tolist(),
-                   "skipped_nonfinite_batches": skipped_nonfinite, "scaler_skipped_steps": scaler_skipped,
-                   "val_by_weights": {w: {k: r[k] for k in ("top1", "macro_f1", "balanced_accuracy", "loss")} for w, r in results.items()}})
+        versus = (
+            f" ({weights_used}; {other} {results[other][cfg.select_metric]:.4f})" if ema is not None else ""
+        )
+        log.print(
+            f"epoch {epoch} | train loss {train['loss']:.4f} top1 {train['top1']:.4f} | val loss {val['loss']:.4f} top1 {val['top1']:.4f}"
+            f" macro-F1 {val['macro_f1']:.4f}{versus}{rare_recall_text(val['per_class_acc'], classes, rare)}"
+            f" | best {cfg.select_metric} {best['value']:.4f} (epoch {best['epoch']})"
+        )
+        log.epoch(
+            {
+                "epoch": epoch,
+                "step": step,
+                "lr": lr,
+                "train": train,
+                "val": val,
+                "weights": weights_used,
+                "drawn_per_class": drawn.tolist(),
+                "skipped_nonfinite_batches": skipped_nonfinite,
+                "scaler_skipped_steps": scaler_skipped,
+                "val_by_weights": {
+                    w: {k: r[k] for k in ("top1", "macro_f1", "balanced_accuracy", "loss")}
+                    for w, r in results.items()
+                },
+            }
+        )
         log.scalars(step, {k: v for k, v in train.items()}, prefix="train_epoch/")
         log.scalars(step, {k: v for k, v in val.items() if not isinstance(v, list)}, prefix="val/")
-        log.scalars(step, {f"{which}_{cfg.select_metric}": r[cfg.select_metric] for which, r in results.items()}, prefix="val_weights/")
+        log.scalars(
+            step,
+            {f"{which}_{cfg.select_metric}": r[cfg.select_metric] for which, r in results.items()},
+            prefix="val_weights/",
+        )
         log.scalars(step, {classes[c]: val["per_class_acc"][c] for c in rare}, prefix="val_recall_rare/")
         if dist_info.is_main:
             # best.safetensors holds the chosen weights with the logit adjustment folded into the head's bias.
-            ckpt.save_epoch(run_dir, state(epoch + 1, 0, val, drawn), epoch, keep=any(e == epoch for _, e in best["kept"]),
-                            drop=[e for _, e in dropped], best_weights=fold_logit_bias(candidates[weights_used], adjust) if improved else None,
-                            best_metadata=ckpt.labels_mapping(classes, preprocessing, cfg.model, weights=weights_used, epoch=epoch,
-                                                              logit_adjustment=cfg.logit_adjustment, small_input_stem=cfg.small_input_stem,
-                                                              stem_stride=cfg.stem_stride, data={"root": str(d.root), "val_fraction": d.val_fraction, "seed": cfg.seed}))
-            plots.save_epoch_pictures(run_dir, val["confusion"], classes, log, step)  # after the checkpoints: a plot error costs none
+            ckpt.save_epoch(
+                run_dir,
+                state(epoch + 1, 0, val, drawn),
+                epoch,
+                keep=any(e == epoch for _, e in best["kept"]),
+                drop=[e for _, e in dropped],
+                best_weights=fold_logit_bias(candidates[weights_used], adjust) if improved else None,
+                best_metadata=ckpt.labels_mapping(
+                    classes,
+                    preprocessing,
+                    cfg.model,
+                    weights=weights_used,
+                    epoch=epoch,
+                    logit_adjustment=cfg.logit_adjustment,
+                    small_input_stem=cfg.small_input_stem,
+                    stem_stride=cfg.stem_stride,
+                    data={"root": str(d.root), "val_fraction": d.val_fraction, "seed": cfg.seed},
+                ),
+            )
+            plots.save_epoch_pictures(
+                run_dir, val["confusion"], classes, log, step
+            )  # after the checkpoints: a plot error costs none
         distributed.barrier()  # no rank races ahead of the checkpoint
         if stop.requested(device):
             log.print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run_dir}")
@@ -437,7 +628,9 @@ def train(cfg: TrainConfig, stop: StopRequest, on_exit: ExitStack) -> dict:
             break
 
     # Temperature scaling on the val split with best.pt's weights: T goes into best.pt and the exports.
-    calibrate_best(run_dir, val_loader, device=device, autocast=autocast, channels_last=channels_last.value, log=log)
+    calibrate_best(
+        run_dir, val_loader, device=device, autocast=autocast, channels_last=channels_last.value, log=log
+    )
     log.print(f"done: {run_dir} | best val {cfg.select_metric} {best['value']:.4f} at epoch {best['epoch']}")
     log.close()
     return {"run_dir": str(run_dir), "best": best, "val": val, "step": step, "model": model, "ema": ema}

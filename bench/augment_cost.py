@@ -71,11 +71,23 @@ def main(args: BenchArgs) -> dict[str, float]:
     # Real-looking content matters a little (equalize/autocontrast do per-image histograms): smooth blobs.
     blobs = torch.rand(args.batch_size, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 255
     images = torch.nn.functional.interpolate(blobs, size=side, mode="bilinear").byte().to(device)
-    transforms = {name: BatchAugment(args.image_size, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio, hflip=d.hflip,
-                                     color_jitter=0.2, mean=d.mean, std=d.std, **options).to(device)
-                  for name, options in SETTINGS.items()}
-    print(f"batch {args.batch_size} | {side} px squares -> {args.image_size} px crops | {device} | "
-          f"{torch.get_num_threads()} threads | colour jitter 0.2 in every setting")
+    transforms = {
+        name: BatchAugment(
+            args.image_size,
+            crop_scale=d.crop_scale,
+            crop_ratio=d.crop_ratio,
+            hflip=d.hflip,
+            color_jitter=0.2,
+            mean=d.mean,
+            std=d.std,
+            **options,
+        ).to(device)
+        for name, options in SETTINGS.items()
+    }
+    print(
+        f"batch {args.batch_size} | {side} px squares -> {args.image_size} px crops | {device} | "
+        f"{torch.get_num_threads()} threads | colour jitter 0.2 in every setting"
+    )
     rates: dict[str, list[float]] = {name: [] for name in transforms}
     for r in range(args.repeats):
         names = list(transforms)[r % len(transforms) :] + list(transforms)[: r % len(transforms)]

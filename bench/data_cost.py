@@ -91,17 +91,25 @@ def main(args: BenchArgs) -> dict[str, float]:
 
     n, r = len(samples), args.repeats
     rows = {
-        "decode (load_image: open, EXIF, to RGB, to tensor)": ms_per_item(lambda i: load_image(samples[i][0]), n, r),
-        "train transform alone (crop, flip, ToDtype, Normalize)": ms_per_item(lambda i: augment(decoded[i]), n, r),
+        "decode (load_image: open, EXIF, to RGB, to tensor)": ms_per_item(
+            lambda i: load_image(samples[i][0]), n, r
+        ),
+        "train transform alone (crop, flip, ToDtype, Normalize)": ms_per_item(
+            lambda i: augment(decoded[i]), n, r
+        ),
         "eval transform alone (resize, center crop, ToDtype, Normalize)": ms_per_item(
             lambda i: eval_set.transform(decoded[i]), n, r
         ),
-        f"collate a batch of {args.batch_size} (per image)": ms_per_item(lambda i: default_collate(items), 8, r)
+        f"collate a batch of {args.batch_size} (per image)": ms_per_item(
+            lambda i: default_collate(items), 8, r
+        )
         / args.batch_size,
         "whole training item (ImageDataset[(index, seed)])": ms_per_item(lambda i: train_set[(i, i)], n, r),
         "whole eval item (ImageDataset[index])": ms_per_item(lambda i: eval_set[i], n, r),
     }
-    print(f"{n} images from {args.root / 'train'} | {args.image_size} px | torch {torch.__version__}, 1 thread")
+    print(
+        f"{n} images from {args.root / 'train'} | {args.image_size} px | torch {torch.__version__}, 1 thread"
+    )
     print("\n| stage | ms per image (one core) |\n|---|---:|")
     for name, ms in rows.items():
         print(f"| {name} | {ms:.3f} |")
@@ -110,8 +118,10 @@ def main(args: BenchArgs) -> dict[str, float]:
     start = time.perf_counter()
     bad = scan_images(paths, workers=args.scan_workers)
     seconds = time.perf_counter() - start
-    print(f"\nstart-up scan of all {len(paths)} train images, {args.scan_workers} processes: {seconds:.1f} s "
-          f"({len(bad)} unreadable)")
+    print(
+        f"\nstart-up scan of all {len(paths)} train images, {args.scan_workers} processes: {seconds:.1f} s "
+        f"({len(bad)} unreadable)"
+    )
     rows["scan_seconds"] = seconds
     return rows
 

@@ -267,8 +267,9 @@ class Context:
         `timeout_s`) capped by the budget left; OutOfTime when less is left than a part of its kind needs."""
         left = self.deadline - time.perf_counter()
         if left < NEEDS_S[kind]:
-            raise OutOfTime(f"not started: {left:.0f} s of the budget left, a {kind} part needs "
-                            f"{NEEDS_S[kind]} s")
+            raise OutOfTime(
+                f"not started: {left:.0f} s of the budget left, a {kind} part needs {NEEDS_S[kind]} s"
+            )
         return run_command(
             command,
             log_path=self.out / "logs" / f"{name}.log",
@@ -322,8 +323,10 @@ def make_fake_fashion_mnist(folder: Path, train_per_class: int = 60, test_per_cl
     here the gpu-marked tests that train run instead of skipping; they check finiteness, not accuracy."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    files = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_per_class),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_per_class)}
+    files = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", train_per_class),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", test_per_class),
+    }
     for images_name, labels_name, per_class in files.values():
         labels = np.tile(np.arange(NUM_CLASSES), per_class)  # interleaved, as in the real files
         images = np.stack([draw_image(rng, int(label), 28).mean(axis=2) for label in labels])
@@ -391,19 +394,32 @@ def train_args(ctx: Context, name: str, *extra: str, log_every_steps: int | None
     """train.py's flags for a run on the generated data; `extra` adds or overrides (the last flag wins)."""
     s = ctx.sizes
     return [
-        "--model", s.model,
-        "--data.root", str(ctx.data_root),
-        "--out-dir", str(ctx.scratch / "runs"),
-        "--name", name,
-        "--device", ctx.device,
-        "--epochs", str(s.epochs),
-        "--data.batch-size", str(s.batch_size),
-        "--data.num-workers", s.num_workers,
-        "--data.image-size", str(IMAGE_SIDE),
-        "--data.resize-size", str(IMAGE_SIDE),
-        "--data.crop-scale", "0.5", "1",
+        "--model",
+        s.model,
+        "--data.root",
+        str(ctx.data_root),
+        "--out-dir",
+        str(ctx.scratch / "runs"),
+        "--name",
+        name,
+        "--device",
+        ctx.device,
+        "--epochs",
+        str(s.epochs),
+        "--data.batch-size",
+        str(s.batch_size),
+        "--data.num-workers",
+        s.num_workers,
+        "--data.image-size",
+        str(IMAGE_SIDE),
+        "--data.resize-size",
+        str(IMAGE_SIDE),
+        "--data.crop-scale",
+        "0.5",
+        "1",
         "--no-progress",
-        "--log-every-steps", str(log_every_steps or s.log_every_steps),
+        "--log-every-steps",
+        str(log_every_steps or s.log_every_steps),
         *extra,
     ]
 
@@ -438,8 +454,9 @@ def resume(ctx: Context, run_dir: Path) -> Proc:
     return ctx.run(f"{run_dir.name}-resume", command, kind="train")
 
 
-def interrupted_train(ctx: Context, name: str, *extra: str, stop_after_step: int,
-                      worker_flags: tuple[str, ...] = ()) -> tuple[Path, Proc]:
+def interrupted_train(
+    ctx: Context, name: str, *extra: str, stop_after_step: int, worker_flags: tuple[str, ...] = ()
+) -> tuple[Path, Proc]:
     """A run that gets SIGTERM once it has logged `stop_after_step` steps (it logs every step), through the
     train worker when `worker_flags` asks for one of its hooks."""
     args = train_args(ctx, name, *extra, log_every_steps=1)
@@ -482,8 +499,10 @@ def check_train_auto(ctx: Context) -> Iterator[Row]:
         ctx.reference_run = run_dir
         resolved = read_run(run_dir)[1]["resolved"]
         precision, channels_last = resolved["precision"], resolved["channels_last"]
-        figures.insert(0, f"resolved {precision['value']} ({precision['reason']}), "
-                          f"channels_last {channels_last['value']}")
+        figures.insert(
+            0,
+            f"resolved {precision['value']} ({precision['reason']}), channels_last {channels_last['value']}",
+        )
     yield Row("train auto", PASS if passed else FAIL, "; ".join(figures), proc.seconds)
 
 
@@ -491,8 +510,12 @@ def check_train_bf16(ctx: Context) -> Iterator[Row]:
     """bf16 autocast without a scaler, in the contiguous layout: on the GPU 'auto' already gives bf16 with
     channels_last, so this row is the other layout."""
     if ctx.device == "cpu":
-        yield Row("train bf16", SKIP, "--device cpu: a GPU precision here (emulated bf16 is 2-12x slower "
-                                      "on a CPU without avx512_bf16/AMX); tests/test_train.py runs it on CPU")
+        yield Row(
+            "train bf16",
+            SKIP,
+            "--device cpu: a GPU precision here (emulated bf16 is 2-12x slower "
+            "on a CPU without avx512_bf16/AMX); tests/test_train.py runs it on CPU",
+        )
         return
     run_dir, proc = train(ctx, "bf16", "--precision", "bf16", "--channels-last", "off")
     passed, figures = judge_run(ctx, run_dir, proc)
@@ -510,8 +533,10 @@ def check_train_fp16(ctx: Context) -> Iterator[Row]:
     passed, figures = judge_run(ctx, run_dir, proc)
     if proc.ok:
         state = load_checkpoint(run_dir)
-        figures.append(f"scaler skipped {state['step'] - adam_steps(state)} of {state['step']} steps, "
-                       f"scale now {state['scaler']['scale']:g}")
+        figures.append(
+            f"scaler skipped {state['step'] - adam_steps(state)} of {state['step']} steps, "
+            f"scale now {state['scaler']['scale']:g}"
+        )
     yield Row("train fp16", PASS if passed else FAIL, "; ".join(figures), proc.seconds)
 
 
@@ -527,8 +552,14 @@ def check_fp16_scaler(ctx: Context) -> Iterator[Row]:
         yield Row(overflow, SKIP, why)
         yield Row(survives, SKIP, why)
         return
-    run_dir, cut = interrupted_train(ctx, "fp16-overflow", "--precision", "fp16", stop_after_step=3,
-                                     worker_flags=("--inf-loss-at-call", "2"))
+    run_dir, cut = interrupted_train(
+        ctx,
+        "fp16-overflow",
+        "--precision",
+        "fp16",
+        stop_after_step=3,
+        worker_flags=("--inf-loss-at-call", "2"),
+    )
     if cut.returncode != EXIT_SIGTERM:
         why = cut.failure() if not cut.ok else "the run ended before SIGTERM could stop it"
         yield Row(overflow, FAIL, f"expected exit {EXIT_SIGTERM} after SIGTERM; {why}", cut.seconds)
@@ -539,10 +570,14 @@ def check_fp16_scaler(ctx: Context) -> Iterator[Row]:
     skipped = saved["step"] - adam_steps(saved)
     expected_scale = INITIAL_SCALE * scaler["backoff_factor"] ** skipped
     passed = skipped >= 1 and scaler["scale"] == expected_scale and finite_weights(saved)
-    yield Row(overflow, PASS if passed else FAIL,
-              f"inf loss at step 2: {skipped} of {saved['step']} optimizer steps skipped; scale "
-              f"{INITIAL_SCALE:g} -> {scaler['scale']:g} (expected {expected_scale:g}); growth tracker "
-              f"{scaler['_growth_tracker']}; weights finite {finite_weights(saved)}", cut.seconds)
+    yield Row(
+        overflow,
+        PASS if passed else FAIL,
+        f"inf loss at step 2: {skipped} of {saved['step']} optimizer steps skipped; scale "
+        f"{INITIAL_SCALE:g} -> {scaler['scale']:g} (expected {expected_scale:g}); growth tracker "
+        f"{scaler['_growth_tracker']}; weights finite {finite_weights(saved)}",
+        cut.seconds,
+    )
 
     proc = resume(ctx, run_dir)
     if not proc.ok:
@@ -556,12 +591,17 @@ def check_fp16_scaler(ctx: Context) -> Iterator[Row]:
     expected_scale = scaler["scale"] * scaler["backoff_factor"] ** skipped_after
     expected_tracker = scaler["_growth_tracker"] + steps_after if skipped_after == 0 else None
     passed = final["scaler"]["scale"] == expected_scale and (
-        expected_tracker is None or final["scaler"]["_growth_tracker"] == expected_tracker)
-    yield Row(survives, PASS if passed else FAIL,
-              f"resumed at step {saved['step']} with scale {scaler['scale']:g}, tracker "
-              f"{scaler['_growth_tracker']}; after {steps_after} more steps ({skipped_after} skipped): scale "
-              f"{final['scaler']['scale']:g} (expected {expected_scale:g}), tracker "
-              f"{final['scaler']['_growth_tracker']} (expected {expected_tracker})", proc.seconds)
+        expected_tracker is None or final["scaler"]["_growth_tracker"] == expected_tracker
+    )
+    yield Row(
+        survives,
+        PASS if passed else FAIL,
+        f"resumed at step {saved['step']} with scale {scaler['scale']:g}, tracker "
+        f"{scaler['_growth_tracker']}; after {steps_after} more steps ({skipped_after} skipped): scale "
+        f"{final['scaler']['scale']:g} (expected {expected_scale:g}), tracker "
+        f"{final['scaler']['_growth_tracker']} (expected {expected_tracker})",
+        proc.seconds,
+    )
 
 
 def check_exact_resume(ctx: Context) -> Iterator[Row]:
@@ -587,8 +627,10 @@ def check_exact_resume(ctx: Context) -> Iterator[Row]:
         yield Row(name, FAIL, f"expected exit {EXIT_SIGTERM} after SIGTERM; {why}", cut.seconds)
         return
     stopped = load_checkpoint(run_dir)
-    where = (f"SIGTERM: stopped at step {stopped['step']} (epoch {stopped['epoch']}, batch "
-             f"{stopped['batches_in_epoch']})")
+    where = (
+        f"SIGTERM: stopped at step {stopped['step']} (epoch {stopped['epoch']}, batch "
+        f"{stopped['batches_in_epoch']})"
+    )
     proc = resume(ctx, run_dir)
     seconds = cut.seconds + proc.seconds
     if not proc.ok:
@@ -621,12 +663,14 @@ def check_fast_path(ctx: Context) -> Iterator[Row]:
     """--data.fast-path through the train worker, which reports where fastdata.cache_device put each
     split's decoded images (on the GPU when they take under a quarter of its free memory)."""
     if ctx.skip_on_quick_cpu():
-        yield Row("fast path (cache on device)", SKIP, "--quick: the cache can only be on the CPU here; "
-                                                       "--only fast runs it")
+        yield Row(
+            "fast path (cache on device)",
+            SKIP,
+            "--quick: the cache can only be on the CPU here; --only fast runs it",
+        )
         return
     args = train_args(ctx, "fast-path", "--data.fast-path")
-    proc = ctx.run("fast-path", worker_command("train", "--report-cache-device", "--", *args),
-                   kind="train")
+    proc = ctx.run("fast-path", worker_command("train", "--report-cache-device", "--", *args), kind="train")
     run_dir = ctx.scratch / "runs" / "fast-path"
     passed, figures = judge_run(ctx, run_dir, proc)
     caches = [(int(m[1]), m[2]) for m in map(CACHE_LINE.match, proc.output.splitlines()) if m]
@@ -641,8 +685,11 @@ def check_fast_path(ctx: Context) -> Iterator[Row]:
 def check_channels_last(ctx: Context) -> Iterator[Row]:
     """--channels-last on in fp32: on CUDA the one combination 'auto' never picks (auto: on for bf16/fp16)."""
     if ctx.skip_on_quick_cpu():
-        yield Row("channels-last on", SKIP, "--quick: on a CPU 'auto' already trains channels_last "
-                                            "(the 'train auto' row)")
+        yield Row(
+            "channels-last on",
+            SKIP,
+            "--quick: on a CPU 'auto' already trains channels_last (the 'train auto' row)",
+        )
         return
     run_dir, proc = train(ctx, "channels-last", "--precision", "fp32", "--channels-last", "on")
     passed, figures = judge_run(ctx, run_dir, proc)
@@ -652,8 +699,11 @@ def check_channels_last(ctx: Context) -> Iterator[Row]:
 def check_compile(ctx: Context) -> Iterator[Row]:
     """--compile: the whole run, cold compile included, in its own longer timeout."""
     if ctx.skip_on_quick_cpu():
-        yield Row("compile", SKIP, "--quick: a cold torch.compile takes minutes on this CPU; "
-                                   "tests/test_train.py compiles on CPU")
+        yield Row(
+            "compile",
+            SKIP,
+            "--quick: a cold torch.compile takes minutes on this CPU; tests/test_train.py compiles on CPU",
+        )
         return
     run_dir, proc = train(ctx, "compile", "--compile", kind="compile")
     passed, figures = judge_run(ctx, run_dir, proc)
@@ -667,14 +717,25 @@ def check_throughput(ctx: Context) -> Iterator[Row]:
     precision = "bf16" if ctx.device == "cuda" else "auto"
     models = [f"--model={name}:{side}:{batch}" for name, side, batch in ctx.sizes.throughput]
     s = ctx.sizes
-    command = worker_command("throughput", "--device", ctx.device, "--precision", precision, *models,
-                             "--warmup", str(s.warmup_steps), "--steps", str(s.timed_steps),
-                             "--repeats", str(s.repeats))
+    command = worker_command(
+        "throughput",
+        "--device",
+        ctx.device,
+        "--precision",
+        precision,
+        *models,
+        "--warmup",
+        str(s.warmup_steps),
+        "--steps",
+        str(s.timed_steps),
+        "--repeats",
+        str(s.repeats),
+    )
     proc = ctx.run("throughput", command, kind="throughput")
     results = {}
     for line in proc.output.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT ") :])
             results[result["model"]] = result
     for name, side, batch in ctx.sizes.throughput:
         result = results.get(name)
@@ -705,8 +766,10 @@ def check_gpu_tests(ctx: Context) -> Iterator[Row]:
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
     proc = ctx.run("pytest-gpu", command, kind="pytest", env={"FASHION_MNIST_DIR": str(idx)})
     summary = [line for line in proc.output.splitlines() if SUMMARY_COUNT.search(line) and " in " in line]
-    counts = {word.rstrip("s") if word.startswith("error") else word: int(n)
-              for n, word in SUMMARY_COUNT.findall(summary[-1] if summary else "")}
+    counts = {
+        word.rstrip("s") if word.startswith("error") else word: int(n)
+        for n, word in SUMMARY_COUNT.findall(summary[-1] if summary else "")
+    }
     figures = ", ".join(f"{n} {word}" for word, n in counts.items()) or "no pytest summary line"
     lines = proc.output.splitlines()
     failed_tests = [line.split()[1] for line in lines if line.startswith(("FAILED ", "ERROR "))]
@@ -784,10 +847,10 @@ def run_check(ctx: Context, check: Callable[[Context], Iterator[Row]], names: tu
             rows.append(row)
             print(f"[{row.result}] {row.check}: {row.figures}", flush=True)
     except OutOfTime as err:
-        rows += [Row(name, SKIP, str(err)) for name in names[len(rows):]]
+        rows += [Row(name, SKIP, str(err)) for name in names[len(rows) :]]
     except Exception as err:  # a bug here, or a run that left no files: that row fails, the rest goes on
         seconds = time.perf_counter() - start
-        rows += [Row(name, FAIL, f"{type(err).__name__}: {err}", seconds) for name in names[len(rows):]]
+        rows += [Row(name, FAIL, f"{type(err).__name__}: {err}", seconds) for name in names[len(rows) :]]
     return rows
 
 
@@ -806,8 +869,9 @@ def nvidia_smi() -> str:
     """Name, memory, compute capability and driver of each GPU, from nvidia-smi (no CUDA context here)."""
     query = "--query-gpu=name,memory.total,compute_cap,driver_version"
     try:
-        done = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=30)
+        done = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"nvidia-smi failed: {err}"
     return "; ".join(done.stdout.strip().splitlines()) or f"nvidia-smi: {done.stderr.strip()}"
@@ -843,9 +907,11 @@ def describe_machine(device: str) -> dict:
 def header_line(info: dict) -> str:
     versions = info["versions"]
     machine = f"GPU {info['gpus']}" if info["device"] == "cuda" else f"CPU {info['cpu']}"
-    line = (f"{machine} | {info['cuda_devices']} CUDA device(s) | torch {versions['torch']} (CUDA "
-            f"{info['torch_cuda']}, cuDNN {info['cudnn']}) | torchvision {versions['torchvision']} | python "
-            f"{info['python']} | {info['cores']} cores | tyro {versions['tyro']}")
+    line = (
+        f"{machine} | {info['cuda_devices']} CUDA device(s) | torch {versions['torch']} (CUDA "
+        f"{info['torch_cuda']}, cuDNN {info['cudnn']}) | torchvision {versions['torchvision']} | python "
+        f"{info['python']} | {info['cores']} cores | tyro {versions['tyro']}"
+    )
     if versions["tyro"] == "MISSING":
         line += " (install .whl/ as the top of bench/gpu_check.py says: every train row will fail)"
     return line
@@ -859,8 +925,9 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, header: str, info: dict, rows: list[Row], args: argparse.Namespace,
-                 seconds: float) -> None:
+def write_report(
+    out: Path, header: str, info: dict, rows: list[Row], args: argparse.Namespace, seconds: float
+) -> None:
     """gpu_check.md, gpu_check.json, and every subprocess log joined into gpu_check_logs.txt (the device
     tool brings back at most 8 files from its output folder, so the logs travel as one)."""
     logs = sorted((out / "logs").glob("*.log"))
@@ -870,8 +937,13 @@ def write_report(out: Path, header: str, info: dict, rows: list[Row], args: argp
     mode = f"--device {args.device}{' --quick' if args.quick else ''}, budget {args.budget_s:.0f} s"
     text = f"# GPU check\n\n{header}\n\n{mode}; {seconds:.0f} s in all\n\n{markdown_table(rows)}\n"
     (out / "gpu_check.md").write_text(text)
-    report = {"header": header, "machine": info, "mode": mode, "seconds": seconds,
-              "rows": [asdict(row) for row in rows]}
+    report = {
+        "header": header,
+        "machine": info,
+        "mode": mode,
+        "seconds": seconds,
+        "rows": [asdict(row) for row in rows],
+    }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
@@ -887,13 +959,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="folder for gpu_check.md, gpu_check.json and gpu_check_logs.txt",
     )
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu: the same plumbing, GPU-only parts as SKIP rows")
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: the same plumbing, GPU-only parts as SKIP rows",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for testing this script on a CPU")
-    parser.add_argument("--budget-s", type=float, default=330,
-                        help="seconds for all parts together (default: 6 minutes less 30 s for start-up)")
-    parser.add_argument("--only", default="",
-                        help="comma-separated words: run only checks whose row names contain one (a rerun)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=330,
+        help="seconds for all parts together (default: 6 minutes less 30 s for start-up)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated words: run only checks whose row names contain one (a rerun)",
+    )
     parser.add_argument("--keep-scratch", action="store_true", help="keep the data and run directories")
     return parser.parse_args(argv)
 
@@ -905,9 +988,15 @@ def main(args: argparse.Namespace) -> int:
     header = header_line(info)
     print(header, flush=True)
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    ctx = Context(device=args.device, quick=args.quick, sizes=QUICK if args.quick else FULL, out=args.out,
-                  scratch=scratch, deadline=start + args.budget_s,
-                  only=tuple(word for word in args.only.split(",") if word))
+    ctx = Context(
+        device=args.device,
+        quick=args.quick,
+        sizes=QUICK if args.quick else FULL,
+        out=args.out,
+        scratch=scratch,
+        deadline=start + args.budget_s,
+        only=tuple(word for word in args.only.split(",") if word),
+    )
     if args.device == "cpu" and args.quick:
         # One thread per subprocess: tiny steps gain nothing from a second, and on a CPU shared with other
         # work a thread whose core is busy stalls the other at every parallel region (measured on 2 shared
@@ -915,8 +1004,11 @@ def main(args: argparse.Namespace) -> int:
         ctx.env["OMP_NUM_THREADS"] = "1"
     s = ctx.sizes
     ctx.data_root = make_image_folder(scratch / "data", s.train_per_class, s.val_per_class)
-    print(f"data: {NUM_CLASSES} classes x {s.train_per_class} train + {s.val_per_class} val images, "
-          f"{IMAGE_SIDE} px, in {scratch / 'data'}; model {s.model}", flush=True)
+    print(
+        f"data: {NUM_CLASSES} classes x {s.train_per_class} train + {s.val_per_class} val images, "
+        f"{IMAGE_SIDE} px, in {scratch / 'data'}; model {s.model}",
+        flush=True,
+    )
     rows: list[Row] = []
     try:
         for check, names in CHECKS:
@@ -974,7 +1066,7 @@ def train_worker(argv: list[str]) -> None:
             return chosen
 
         fastdata.cache_device = reporting_cache_device  # TensorLoader looks the name up when it runs
-    trainer.main(parse_cli(argv[split + 1:]))
+    trainer.main(parse_cli(argv[split + 1 :]))
 
 
 def throughput_worker(argv: list[str]) -> None:
@@ -995,13 +1087,30 @@ def throughput_worker(argv: list[str]) -> None:
     precision = resolve_precision(args.precision, device).value
     for spec in args.model:
         name, side, batch = spec.split(":")
-        result = measure_steps(name, int(side), int(batch), device, precision, warmup=args.warmup,
-                               steps=args.steps, repeats=args.repeats)
+        result = measure_steps(
+            name,
+            int(side),
+            int(batch),
+            device,
+            precision,
+            warmup=args.warmup,
+            steps=args.steps,
+            repeats=args.repeats,
+        )
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def measure_steps(name: str, side: int, batch: int, device: torch.device, precision: str, *, warmup: int,
-                  steps: int, repeats: int) -> dict:
+def measure_steps(
+    name: str,
+    side: int,
+    batch: int,
+    device: torch.device,
+    precision: str,
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+) -> dict:
     """train.py's step without data loading, EMA and metrics: forward under autocast, backward, AdamW."""
     from throughput import images_per_s  # bench/throughput.py: warm-up, synchronize, time `count` steps
     from torch import nn
@@ -1017,8 +1126,14 @@ def measure_steps(name: str, side: int, batch: int, device: torch.device, precis
         torch.cuda.reset_peak_memory_stats(device)  # the peak of this model alone
     model = build_model(name, NUM_CLASSES).to(device, memory_format=torch.channels_last)
     o = OptimConfig()
-    optimizer = build_optimizer(model, "adamw", lr=default_lr("adamw", pretrained=False),
-                                weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
+    optimizer = build_optimizer(
+        model,
+        "adamw",
+        lr=default_lr("adamw", pretrained=False),
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        betas=o.betas,
+    )
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -1035,12 +1150,21 @@ def measure_steps(name: str, side: int, batch: int, device: torch.device, precis
         optimizer.zero_grad(set_to_none=True)
 
     batches = itertools.repeat((images, labels))
-    rates = [images_per_s(batches, step, warmup=warmup if r == 0 else 0, count=steps, device=device)
-             for r in range(repeats)]
+    rates = [
+        images_per_s(batches, step, warmup=warmup if r == 0 else 0, count=steps, device=device)
+        for r in range(repeats)
+    ]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"model": name, "side": side, "batch": batch, "precision": precision, "repeats": rates,
-            "images_per_s": statistics.median(rates), "peak_memory_gib": peak,
-            "seconds": time.perf_counter() - start}
+    return {
+        "model": name,
+        "side": side,
+        "batch": batch,
+        "precision": precision,
+        "repeats": rates,
+        "images_per_s": statistics.median(rates),
+        "peak_memory_gib": peak,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 if __name__ == "__main__":

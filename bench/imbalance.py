@@ -67,34 +67,67 @@ def build_data(args: Args) -> Path:
     for name in classes:
         files = sorted((source / "train" / name).iterdir())
         keep = args.per_class // args.ratio if name in args.rare else args.per_class
-        for split, chosen in (("val", files[: args.val_per_class]), ("train", files[args.val_per_class : args.val_per_class + keep])):
+        for split, chosen in (
+            ("val", files[: args.val_per_class]),
+            ("train", files[args.val_per_class : args.val_per_class + keep]),
+        ):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for f in chosen:
                 (folder / f.name).symlink_to(f)
         counts[name] = keep
     (root / "test").symlink_to(source / "test")
-    (root / "done.json").write_text(json.dumps({"train_counts": counts, "rare": list(args.rare)}, indent=2) + "\n")
+    (root / "done.json").write_text(
+        json.dumps({"train_counts": counts, "rare": list(args.rare)}, indent=2) + "\n"
+    )
     return root
 
 
 def run_variant(args: Args, data: Path, name: str) -> dict:
     """Train one variant and score its best checkpoint on test."""
     run_name = name.replace(" ", "-").replace("(", "").replace(")", "")
-    command = [sys.executable, "train.py", "--preset", "fashion-mnist", "--data.root", str(data), "--out-dir", str(args.out),
-               "--name", run_name, "--epochs", str(args.epochs), "--select-metric", "macro_f1", "--no-progress",
-               "--log-every-steps", "100000", *VARIANTS[name], *shlex.split(args.train_args)]
+    command = [
+        sys.executable,
+        "train.py",
+        "--preset",
+        "fashion-mnist",
+        "--data.root",
+        str(data),
+        "--out-dir",
+        str(args.out),
+        "--name",
+        run_name,
+        "--epochs",
+        str(args.epochs),
+        "--select-metric",
+        "macro_f1",
+        "--no-progress",
+        "--log-every-steps",
+        "100000",
+        *VARIANTS[name],
+        *shlex.split(args.train_args),
+    ]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
     best = args.out / run_name / "checkpoints" / "best.pt"
     out = args.out / run_name / "test-eval"
-    subprocess.run([sys.executable, "evaluate.py", str(best), "--split", "test", "--out", str(out)], cwd=REPO, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "evaluate.py", str(best), "--split", "test", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     report = json.loads((out / "metrics.json").read_text())
     recall = {row["class"]: row["recall"] for row in report["per_class"]}
-    return {"variant": name, "top1": report["top1"], "macro_f1": report["macro_f1"],
-            "balanced_accuracy": report["balanced_accuracy"], "rare_recall": {c: recall[c] for c in args.rare},
-            "common_recall_mean": sum(v for c, v in recall.items() if c not in args.rare) / (len(recall) - len(args.rare))}
+    return {
+        "variant": name,
+        "top1": report["top1"],
+        "macro_f1": report["macro_f1"],
+        "balanced_accuracy": report["balanced_accuracy"],
+        "rare_recall": {c: recall[c] for c in args.rare},
+        "common_recall_mean": sum(v for c, v in recall.items() if c not in args.rare)
+        / (len(recall) - len(args.rare)),
+    }
 
 
 def main(args: Args) -> list[dict]:
@@ -105,12 +138,16 @@ def main(args: Args) -> list[dict]:
     rows = [run_variant(args, data, name) for name in args.variants]
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     rare = " | ".join(f"{c} recall" for c in args.rare)
-    print(f"\n{', '.join(args.rare)} {args.ratio}x rarer in train; balanced val and test; best epoch by val macro F1\n")
+    print(
+        f"\n{', '.join(args.rare)} {args.ratio}x rarer in train; balanced val and test; best epoch by val macro F1\n"
+    )
     print(f"| variant | test top-1 | macro F1 | {rare} | other classes' recall |")
     print("|---|---|---|" + "---|" * len(args.rare) + "---|")
     for r in rows:
         rare_values = " | ".join(f"{r['rare_recall'][c]:.3f}" for c in args.rare)
-        print(f"| {r['variant']} | {r['top1']:.4f} | {r['macro_f1']:.4f} | {rare_values} | {r['common_recall_mean']:.3f} |")
+        print(
+            f"| {r['variant']} | {r['top1']:.4f} | {r['macro_f1']:.4f} | {rare_values} | {r['common_recall_mean']:.3f} |"
+        )
     return rows
 
 

@@ -69,7 +69,9 @@ def main(args: BenchArgs) -> dict[str, float]:
     auto = hardware.resolve_precision("auto", device)
     channels_last = hardware.resolve_channels_last(cfg.channels_last, device, auto.value).value
     print(describe_machine(device))
-    print(f"cpu: {hardware.cpu_model()} | native bf16 flags: {hardware.describe()['cpu_native_bf16_flags'] or 'none'}")
+    print(
+        f"cpu: {hardware.cpu_model()} | native bf16 flags: {hardware.describe()['cpu_native_bf16_flags'] or 'none'}"
+    )
     print(f"--precision auto picks {auto.value} here ({auto.reason})")
     if auto.value not in PRECISIONS:
         raise SystemExit(f"error: auto picked {auto.value}; this benchmark compares {PRECISIONS} only")
@@ -80,7 +82,9 @@ def main(args: BenchArgs) -> dict[str, float]:
     order = torch.randperm(len(every), generator=torch.Generator().manual_seed(args.seed))
     samples = [every[i] for i in order[: args.images].tolist()]
     if len(samples) < d.batch_size:
-        raise SystemExit(f"error: {len(samples)} images under {root / 'train'} cannot fill a batch of {d.batch_size}")
+        raise SystemExit(
+            f"error: {len(samples)} images under {root / 'train'} cannot fill a batch of {d.batch_size}"
+        )
     spec = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
     cache, labels = decode_split(samples, spec["resize_shorter_side"], d.interpolation)
     augment = BatchAugment(
@@ -117,12 +121,19 @@ def main(args: BenchArgs) -> dict[str, float]:
     stream = batches()
     for r in range(args.repeats):
         for precision in PRECISIONS[r % 2 :] + PRECISIONS[: r % 2]:  # alternate which one runs first
-            rate = images_per_s(stream, steps[precision], warmup=args.warmup, count=args.batches, device=device)
+            rate = images_per_s(
+                stream, steps[precision], warmup=args.warmup, count=args.batches, device=device
+            )
             rates[precision].append(rate)
-        print(f"round {r + 1}/{args.repeats}: " + " | ".join(f"{p} {rates[p][-1]:.0f} img/s" for p in PRECISIONS))
+        print(
+            f"round {r + 1}/{args.repeats}: "
+            + " | ".join(f"{p} {rates[p][-1]:.0f} img/s" for p in PRECISIONS)
+        )
 
     best_per_round = [max(rates[p][r] for p in PRECISIONS) for r in range(args.repeats)]
-    auto_ratio = statistics.median(rate / best for rate, best in zip(rates[auto.value], best_per_round, strict=True))
+    auto_ratio = statistics.median(
+        rate / best for rate, best in zip(rates[auto.value], best_per_round, strict=True)
+    )
     result = {p: statistics.median(rates[p]) for p in PRECISIONS}
     print("\n| precision | training images/s (median) |\n|---|---:|")
     for precision in PRECISIONS:
@@ -132,9 +143,13 @@ def main(args: BenchArgs) -> dict[str, float]:
     return result
 
 
-def make_step(cfg, num_classes: int, precision: str, device: torch.device, memory_format: torch.memory_format):
+def make_step(
+    cfg, num_classes: int, precision: str, device: torch.device, memory_format: torch.memory_format
+):
     """train.py's optimizer step for `precision`, on its own model, optimizer and EMA."""
-    model = build_model(cfg.model, num_classes, small_input_stem=cfg.small_input_stem, stem_stride=cfg.stem_stride)
+    model = build_model(
+        cfg.model, num_classes, small_input_stem=cfg.small_input_stem, stem_stride=cfg.stem_stride
+    )
     model = model.to(device, memory_format=memory_format).train()
     o = cfg.optim
     optimizer = build_optimizer(

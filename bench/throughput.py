@@ -83,7 +83,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # CUDA work is queued: stop the clock only when it is done
 
 
-def images_per_s(batches: Iterator, step: Callable, *, warmup: int, count: int, device: torch.device) -> float:
+def images_per_s(
+    batches: Iterator, step: Callable, *, warmup: int, count: int, device: torch.device
+) -> float:
     for _ in range(warmup):
         step(*next(batches))
     synchronize(device)
@@ -106,9 +108,15 @@ def endless(loader, sampler: EpochSampler, first_epoch: int) -> Iterator:
 def describe_machine(device: torch.device) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    load = " | load average " + " ".join(f"{n:.2f}" for n in os.getloadavg()) if hasattr(os, "getloadavg") else ""
-    return (f"machine: {cores} usable cores (of {os.cpu_count()}) | torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads | device {device} ({name}){load}")
+    load = (
+        " | load average " + " ".join(f"{n:.2f}" for n in os.getloadavg())
+        if hasattr(os, "getloadavg")
+        else ""
+    )
+    return (
+        f"machine: {cores} usable cores (of {os.cpu_count()}) | torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads | device {device} ({name}){load}"
+    )
 
 
 def main(args: BenchArgs) -> dict[str, float]:
@@ -125,23 +133,59 @@ def main(args: BenchArgs) -> dict[str, float]:
         raise SystemExit(f"error: {len(samples)} images cannot fill one batch of {args.batch_size}")
     d = DataConfig()  # the trainer's default augmentation, for both paths
     spec = preprocessing_spec(args.image_size, None, d.mean, d.std, d.interpolation)
-    print(f"data: {len(samples)} images from {args.root / 'train'} ({len(classes)} classes) | batch {args.batch_size} | "
-          f"{args.image_size} px crops | {args.precision} | channels_last {args.channels_last} | compile {args.compile}")
+    print(
+        f"data: {len(samples)} images from {args.root / 'train'} ({len(classes)} classes) | batch {args.batch_size} | "
+        f"{args.image_size} px crops | {args.precision} | channels_last {args.channels_last} | compile {args.compile}"
+    )
 
     regular_sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
-    regular_set = ImageDataset(samples, train_transform(args.image_size, d.crop_scale, d.crop_ratio, d.hflip,
-                                                        d.color_jitter, d.mean, d.std, d.interpolation))
-    regular_loader = make_loader(regular_set, regular_sampler, batch_size=args.batch_size, num_workers=args.workers,
-                                 drop_last=True, pin_memory=device.type == "cuda")
+    regular_set = ImageDataset(
+        samples,
+        train_transform(
+            args.image_size,
+            d.crop_scale,
+            d.crop_ratio,
+            d.hflip,
+            d.color_jitter,
+            d.mean,
+            d.std,
+            d.interpolation,
+        ),
+    )
+    regular_loader = make_loader(
+        regular_set,
+        regular_sampler,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
 
     start = time.perf_counter()
     images, labels = decode_split(samples, spec["resize_shorter_side"], d.interpolation)
-    print(f"fast path: decoded {len(samples)} images to {tuple(images.shape[1:])} uint8 in {time.perf_counter() - start:.1f} s (once per run)")
+    print(
+        f"fast path: decoded {len(samples)} images to {tuple(images.shape[1:])} uint8 in {time.perf_counter() - start:.1f} s (once per run)"
+    )
     fast_sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
-    augment = BatchAugment(args.image_size, crop_scale=d.crop_scale, crop_ratio=d.crop_ratio, hflip=d.hflip,
-                           color_jitter=d.color_jitter, mean=d.mean, std=d.std, channels_last=args.channels_last)
-    fast_loader = TensorLoader(images, labels, fast_sampler, batch_size=args.batch_size, drop_last=True,
-                               transform=augment, device=device)
+    augment = BatchAugment(
+        args.image_size,
+        crop_scale=d.crop_scale,
+        crop_ratio=d.crop_ratio,
+        hflip=d.hflip,
+        color_jitter=d.color_jitter,
+        mean=d.mean,
+        std=d.std,
+        channels_last=args.channels_last,
+    )
+    fast_loader = TensorLoader(
+        images,
+        labels,
+        fast_sampler,
+        batch_size=args.batch_size,
+        drop_last=True,
+        transform=augment,
+        device=device,
+    )
 
     # The bare loop's batches: real augmented images, made before the clock starts and cycled.
     fast_sampler.set_epoch(10**6)
@@ -149,10 +193,14 @@ def main(args: BenchArgs) -> dict[str, float]:
 
     # --- one model and one step for every path ----------------------------------------------------------
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = build_model("resnet18", len(classes), small_input_stem=args.small_input_stem).to(device, memory_format=memory_format)
+    model = build_model("resnet18", len(classes), small_input_stem=args.small_input_stem).to(
+        device, memory_format=memory_format
+    )
     o = OptimConfig()  # the trainer's defaults: AdamW, weight decay, label smoothing
     lr = default_lr("adamw", pretrained=False)
-    optimizer = build_optimizer(model, "adamw", lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas)
+    optimizer = build_optimizer(
+        model, "adamw", lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas
+    )
     net = torch.compile(model) if args.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -172,7 +220,9 @@ def main(args: BenchArgs) -> dict[str, float]:
 
     start = time.perf_counter()
     images_per_s(itertools.cycle(ready), step, warmup=args.warmup, count=0, device=device)
-    print(f"first steps (model warm-up{', compile' if args.compile else ''}): {time.perf_counter() - start:.1f} s")
+    print(
+        f"first steps (model warm-up{', compile' if args.compile else ''}): {time.perf_counter() - start:.1f} s"
+    )
 
     # --- interleaved timing -----------------------------------------------------------------------------
     paths = {
@@ -187,11 +237,19 @@ def main(args: BenchArgs) -> dict[str, float]:
             # A fresh iterator per round: the regular path starts with an empty prefetch queue instead
             # of one its workers filled while the other paths ran.
             batches = paths[name](r)
-            rates[name].append(images_per_s(batches, step, warmup=args.warmup, count=args.batches, device=device))
-        print(f"round {r + 1}/{args.repeats}: " + " | ".join(f"{name} {rates[name][-1]:.0f} img/s" for name in paths))
+            rates[name].append(
+                images_per_s(batches, step, warmup=args.warmup, count=args.batches, device=device)
+            )
+        print(
+            f"round {r + 1}/{args.repeats}: "
+            + " | ".join(f"{name} {rates[name][-1]:.0f} img/s" for name in paths)
+        )
 
-    labels_of = {"bare": "bare loop (tensors on the device)", "regular": f"regular path ({args.workers} workers)",
-                 "fast": "fast path (uint8 cache, batch augment)"}
+    labels_of = {
+        "bare": "bare loop (tensors on the device)",
+        "regular": f"regular path ({args.workers} workers)",
+        "fast": "fast path (uint8 cache, batch augment)",
+    }
     print("\n| path | images/s | ratio to bare |\n|---|---:|---:|")
     result = {}
     for name in paths:

@@ -51,12 +51,26 @@ def train(args: Args, run_dir: Path) -> tuple[list[dict], float]:
     """Run train.py; return per-epoch {epoch, minutes, wall_minutes, val_top1} and the total wall minutes."""
     extra = shlex.split(args.train_args)
     epochs = parse_cli(["--preset", args.preset, *extra]).epochs
-    command = [sys.executable, "train.py", "--preset", args.preset, "--out-dir", str(args.out_dir), "--name", args.name,
-               "--keep-best", str(epochs), "--no-progress", *extra]
+    command = [
+        sys.executable,
+        "train.py",
+        "--preset",
+        args.preset,
+        "--out-dir",
+        str(args.out_dir),
+        "--name",
+        args.name,
+        "--keep-best",
+        str(epochs),
+        "--no-progress",
+        *extra,
+    ]
     print("$", " ".join(command), flush=True)
     launched = time.perf_counter()
     started, rows = None, []
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
         for line in proc.stdout:
             now = time.perf_counter()
             print(line, end="", flush=True)
@@ -64,8 +78,14 @@ def train(args: Args, run_dir: Path) -> tuple[list[dict], float]:
                 started = now
             match = re.match(r"epoch (\d+) \|.* val loss \S+ top1 (\S+)", line)
             if match and started is not None:
-                rows.append({"epoch": int(match[1]), "minutes": (now - started) / 60, "wall_minutes": (now - launched) / 60,
-                             "val_top1": float(match[2])})
+                rows.append(
+                    {
+                        "epoch": int(match[1]),
+                        "minutes": (now - started) / 60,
+                        "wall_minutes": (now - launched) / 60,
+                        "val_top1": float(match[2]),
+                    }
+                )
     if proc.returncode != 0:
         raise SystemExit(f"error: train.py exited with {proc.returncode}")
     return rows, (time.perf_counter() - launched) / 60
@@ -73,8 +93,13 @@ def train(args: Args, run_dir: Path) -> tuple[list[dict], float]:
 
 def test_top1(checkpoint: Path, out: Path) -> float:
     """evaluate.py's test top-1 for one checkpoint."""
-    subprocess.run([sys.executable, "evaluate.py", str(checkpoint), "--split", "test", "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "evaluate.py", str(checkpoint), "--split", "test", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads((out / "metrics.json").read_text())["top1"]
 
 
@@ -89,13 +114,19 @@ def main(args: Args) -> list[dict]:
     print(f"\n{args.preset}: training clock starts at train.py's `run` line; wall includes start-up\n")
     print("| epoch | minutes (training) | minutes (wall) | val top-1 | test top-1 |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['epoch'] + 1} | {row['minutes']:.2f} | {row['wall_minutes']:.2f} | {row['val_top1']:.4f} | {row['test_top1']:.4f} |")
+        print(
+            f"| {row['epoch'] + 1} | {row['minutes']:.2f} | {row['wall_minutes']:.2f} | {row['val_top1']:.4f} | {row['test_top1']:.4f} |"
+        )
     reached = next((row for row in rows if row["test_top1"] >= args.target), None)
     if reached:
-        print(f"\ntime to {args.target} test top-1: {reached['minutes']:.2f} min of training (epoch {reached['epoch'] + 1}), "
-              f"{reached['wall_minutes']:.2f} min wall")
+        print(
+            f"\ntime to {args.target} test top-1: {reached['minutes']:.2f} min of training (epoch {reached['epoch'] + 1}), "
+            f"{reached['wall_minutes']:.2f} min wall"
+        )
     else:
-        print(f"\n{args.target} test top-1 not reached (best {max(r['test_top1'] for r in rows):.4f}); run took {total:.1f} min")
+        print(
+            f"\n{args.target} test top-1 not reached (best {max(r['test_top1'] for r in rows):.4f}); run took {total:.1f} min"
+        )
     (run_dir / "time_to_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_curve(rows, args.target, args.plot or run_dir / "plots" / "time_to_accuracy.png", args.preset)
     return rows

@@ -24,7 +24,9 @@ def auto_augment_transform(policy: str, *, num_ops: int, magnitude: int, interpo
         raise ValueError(f"--data.randaugment-magnitude must be 0..{NUM_MAGNITUDE_BINS - 1}, got {magnitude}")
     mode = T.InterpolationMode.NEAREST if interpolation == "nearest" else T.InterpolationMode.BILINEAR
     if policy == "randaugment":
-        return T.RandAugment(num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=NUM_MAGNITUDE_BINS, interpolation=mode)
+        return T.RandAugment(
+            num_ops=num_ops, magnitude=magnitude, num_magnitude_bins=NUM_MAGNITUDE_BINS, interpolation=mode
+        )
     if policy == "trivialaugment":
         return T.TrivialAugmentWide(num_magnitude_bins=NUM_MAGNITUDE_BINS, interpolation=mode)
     raise ValueError(f"unknown auto-augment policy {policy!r}: expected 'randaugment' or 'trivialaugment'")
@@ -43,7 +45,9 @@ class BatchAutoAugment:
     """
 
     def __init__(self, policy: str, *, num_ops: int, magnitude: int, interpolation: str):
-        self.transform = auto_augment_transform(policy, num_ops=num_ops, magnitude=magnitude, interpolation=interpolation)
+        self.transform = auto_augment_transform(
+            policy, num_ops=num_ops, magnitude=magnitude, interpolation=interpolation
+        )
         self.trivial = policy == "trivialaugment"
         self.rounds = 1 if self.trivial else num_ops
         self.magnitude = magnitude
@@ -51,7 +55,9 @@ class BatchAutoAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, height, width = images.shape
-        table = [fn(NUM_MAGNITUDE_BINS, height, width) for _, (fn, _) in self.space]  # None: the op has no magnitude
+        table = [
+            fn(NUM_MAGNITUDE_BINS, height, width) for _, (fn, _) in self.space
+        ]  # None: the op has no magnitude
         has_magnitude = torch.tensor([magnitudes is not None for magnitudes in table])
         signed = torch.tensor([is_signed for _, (_, is_signed) in self.space])
         for _ in range(self.rounds):
@@ -73,9 +79,18 @@ class BatchAutoAugment:
                 op, rest = divmod(key, NUM_MAGNITUDE_BINS * 2)
                 level, flip_sign = divmod(rest, 2)
                 name, magnitudes = self.space[op][0], table[op]
-                magnitude = 0.0 if magnitudes is None else float(magnitudes[level]) * (-1.0 if flip_sign else 1.0)
-                pieces.append(self.transform._apply_image_or_video_transform(
-                    piece, name, magnitude, interpolation=self.transform.interpolation, fill=self.transform._fill))
+                magnitude = (
+                    0.0 if magnitudes is None else float(magnitudes[level]) * (-1.0 if flip_sign else 1.0)
+                )
+                pieces.append(
+                    self.transform._apply_image_or_video_transform(
+                        piece,
+                        name,
+                        magnitude,
+                        interpolation=self.transform.interpolation,
+                        fill=self.transform._fill,
+                    )
+                )
             images = torch.empty_like(images).index_copy_(0, order, torch.cat(pieces))
         return images
 
@@ -95,7 +110,9 @@ def random_erase(
     attempts = 10
     erase = torch.rand(n, generator=generator) < p
     area = height * width * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
-    aspect = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    aspect = (
+        torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    )
     h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()  # v2 rounds to whole pixels too
     fits = (h < height) & (w < width)
     first = fits.int().argmax(dim=1, keepdim=True)  # the first attempt that fits

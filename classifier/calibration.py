@@ -74,7 +74,9 @@ def collect_logits(
     (fp32 after autocast, plus `logit_bias`). Under DDP every rank gets the whole split, in dataset order."""
     bias = None if logit_bias is None else torch.as_tensor(logit_bias, dtype=torch.float32, device=device)
     chunks, targets = [], []
-    for logits, labels in batch_logits(model, loader, device=device, autocast=autocast, channels_last=channels_last, logit_bias=bias):
+    for logits, labels in batch_logits(
+        model, loader, device=device, autocast=autocast, channels_last=channels_last, logit_bias=bias
+    ):
         chunks.append(logits.cpu())
         targets.append(labels.cpu().long())
     logits = torch.cat(chunks) if chunks else torch.zeros(0, 0)  # a rank may hold no val images at all
@@ -86,8 +88,15 @@ def collect_logits(
     return distributed.gather_strided((logits, targets), num_samples)
 
 
-def calibrate_best(run_dir: Path, val_loader, *, device: torch.device, autocast: AbstractContextManager,
-                   channels_last: bool, log) -> float | None:
+def calibrate_best(
+    run_dir: Path,
+    val_loader,
+    *,
+    device: torch.device,
+    autocast: AbstractContextManager,
+    channels_last: bool,
+    log,
+) -> float | None:
     """Fit T on the validation split with best.pt's inference weights, store it in best.pt, in last.pt
     when that holds the same weights, and in best.safetensors; None without best.pt. Every rank must
     call it (the logits are gathered); rank 0 writes. Training's RNG streams are left exactly as they
@@ -101,19 +110,27 @@ def calibrate_best(run_dir: Path, val_loader, *, device: torch.device, autocast:
         # that evaluate.py and the ONNX export give, so the bias must not be added a second time here.
         model, _ = ckpt.model_from_checkpoint(state)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        logits, targets = collect_logits(model, val_loader, device=device, autocast=autocast, channels_last=channels_last)
+        logits, targets = collect_logits(
+            model, val_loader, device=device, autocast=autocast, channels_last=channels_last
+        )
     if len(targets) == 0:
         log.print("calibration skipped: the validation split is empty")
         return None
     temperature = fit_temperature(logits, targets)
     s = calibration_summary(logits, targets, temperature)
-    fit = {"val_nll_before": s["nll"], "val_nll_after": s["nll_calibrated"],
-           "val_ece_before": s["ece"], "val_ece_after": s["ece_calibrated"]}
+    fit = {
+        "val_nll_before": s["nll"],
+        "val_nll_after": s["nll_calibrated"],
+        "val_ece_before": s["ece"],
+        "val_ece_after": s["ece_calibrated"],
+    }
     if distributed.is_main():
         store_temperature(Path(run_dir), {**state, "temperature": temperature, "temperature_fit": fit})
     distributed.barrier()  # no rank leaves (and no reader looks) before the files hold T
-    log.print(f"calibration: temperature {temperature:.3f} on {len(targets)} val images (best.pt, epoch "
-              f"{state['best']['epoch']}) | ECE {s['ece']:.4f} -> {s['ece_calibrated']:.4f} | NLL {s['nll']:.4f} -> {s['nll_calibrated']:.4f}")
+    log.print(
+        f"calibration: temperature {temperature:.3f} on {len(targets)} val images (best.pt, epoch "
+        f"{state['best']['epoch']}) | ECE {s['ece']:.4f} -> {s['ece_calibrated']:.4f} | NLL {s['nll']:.4f} -> {s['nll_calibrated']:.4f}"
+    )
     return temperature
 
 

@@ -50,7 +50,9 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
             os.close(dir_fd)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(err.errno, f"could not write {path} ({err.strerror or err}); the previous file is intact") from err
+        raise OSError(
+            err.errno, f"could not write {path} ({err.strerror or err}); the previous file is intact"
+        ) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -74,8 +76,16 @@ def save_checkpoint(state: dict, path: Path, keep_previous: bool = True) -> None
 RESUME_ONLY = ("optimizer", "scaler", "train_metrics")
 
 
-def save_epoch(run_dir: Path, state: dict, epoch: int, *, keep: bool, drop: list[int],
-               best_weights: dict[str, torch.Tensor] | None, best_metadata: dict) -> None:
+def save_epoch(
+    run_dir: Path,
+    state: dict,
+    epoch: int,
+    *,
+    keep: bool,
+    drop: list[int],
+    best_weights: dict[str, torch.Tensor] | None,
+    best_metadata: dict,
+) -> None:
     """An epoch's files: last.pt always (the full state); checkpoints/epoch-NNN.pt when the epoch is
     among the best k, deleted once it drops out (`drop`); on a new best (`best_weights` given), best.pt
     and best.safetensors (the inference weights, `best_metadata` attached). epoch-NNN.pt and best.pt
@@ -128,7 +138,9 @@ def read_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot load checkpoint {path}: it is corrupt, truncated or not plain data ({err})") from err
+        raise ValueError(
+            f"cannot load checkpoint {path}: it is corrupt, truncated or not plain data ({err})"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a classifier-training checkpoint (format {FORMAT!r})")
     return state
@@ -182,8 +194,12 @@ def inference_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
 def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
     """Rebuild the architecture from the checkpoint's config and load the validated weights, eval mode."""
     cfg = from_dict(checkpoint["config"])
-    model = build_model(cfg.model, len(checkpoint["classes"]), small_input_stem=cfg.small_input_stem,
-                        stem_stride=cfg.stem_stride)
+    model = build_model(
+        cfg.model,
+        len(checkpoint["classes"]),
+        small_input_stem=cfg.small_input_stem,
+        stem_stride=cfg.stem_stride,
+    )
     weights, which = inference_weights(checkpoint)
     model.load_state_dict(weights)
     if checkpoint.get("logit_bias") is not None:  # --logit-adjustment: fold it in, as best.safetensors has it

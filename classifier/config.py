@@ -302,12 +302,23 @@ def parse_cli(argv: list[str] | None = None, description: str | None = None) -> 
 
 
 # Fields a resumed run may change without --accept-config-changes: they do not change the results.
-HARMLESS_ON_RESUME = {"resume", "accept_config_changes", "early_stop_patience", "keep_best", "progress", "log_every_steps", "checkpoint_every_steps", "data.num_workers",
-                      "data.cache_dir", "debug_overfit_failure"}
+HARMLESS_ON_RESUME = {
+    "resume",
+    "accept_config_changes",
+    "early_stop_patience",
+    "keep_best",
+    "progress",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "data.num_workers",
+    "data.cache_dir",
+    "debug_overfit_failure",
+}
 
 
 def config_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
     """'field: saved -> now' for every field that differs, nested fields as data.xxx, harmless ones left out."""
+
     def flat(values: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in values.items():

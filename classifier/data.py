@@ -131,8 +131,17 @@ def without(splits: Splits, bad: set[str]) -> Splits:
     return Splits(splits.classes, keep(splits.train), keep(splits.val), keep(splits.test))
 
 
-def drop_unreadable(splits: Splits, root: Path, *, skip: bool, workers: int, rank: int, world_size: int,
-                    report: Path | None, log) -> Splits:
+def drop_unreadable(
+    splits: Splits,
+    root: Path,
+    *,
+    skip: bool,
+    workers: int,
+    rank: int,
+    world_size: int,
+    report: Path | None,
+    log,
+) -> Splits:
     """Decode every file of every split once (under DDP each rank its share, then merged). Unreadable
     files stop the run with their names, or with `skip` are left out and listed in `report`. A class
     that has no training image left then is an error, as in build_splits; a class with no validation
@@ -143,8 +152,10 @@ def drop_unreadable(splits: Splits, root: Path, *, skip: bool, workers: int, ran
         return splits
     if not skip:
         listing = "\n  ".join(f"{p}: {reason}" for p, reason in sorted(bad.items())[:20])
-        raise SystemExit(f"error: {len(bad)} unreadable image files under {root}:\n  {listing}\n"
-                         "fix or remove them, or pass --data.skip-bad-images to leave them out")
+        raise SystemExit(
+            f"error: {len(bad)} unreadable image files under {root}:\n  {listing}\n"
+            "fix or remove them, or pass --data.skip-bad-images to leave them out"
+        )
     if report is not None:
         write_report(bad, report)
     log(f"left out {len(bad)} unreadable images, listed in {report}")
@@ -159,16 +170,23 @@ def drop_unreadable(splits: Splits, root: Path, *, skip: bool, workers: int, ran
             more = f" and {len(files) - 5} more" if len(files) > 5 else ""
             lines.append(f"{name}: {', '.join(files[:5])}{more}")
         listed = f" (all listed in {report})" if report is not None else ""
-        raise SystemExit(f"error: with the unreadable images left out, these classes under {root} have no "
-                         f"training images{listed}:\n  " + "\n  ".join(lines) + "\nfix or replace those "
-                         "files: --data.skip-bad-images leaves out files, not whole classes")
+        raise SystemExit(
+            f"error: with the unreadable images left out, these classes under {root} have no "
+            f"training images{listed}:\n  " + "\n  ".join(lines) + "\nfix or replace those "
+            "files: --data.skip-bad-images leaves out files, not whole classes"
+        )
     # Validation keeps build_splits's rule, a warning; for the classes this scan emptied (build_splits has
     # named the others).
-    emptied_val = [name for name in classes_without_images(kept.val, kept.classes)
-                   if name not in classes_without_images(splits.val, splits.classes)]
+    emptied_val = [
+        name
+        for name in classes_without_images(kept.val, kept.classes)
+        if name not in classes_without_images(splits.val, splits.classes)
+    ]
     if emptied_val:
-        warnings.warn(f"classes with no validation images once unreadable ones are left out: {emptied_val}",
-                      stacklevel=2)
+        warnings.warn(
+            f"classes with no validation images once unreadable ones are left out: {emptied_val}",
+            stacklevel=2,
+        )
     return kept
 
 
@@ -186,7 +204,9 @@ def describe_class_mismatch(expected: list[str], found: list[str], where: Path) 
 
 
 def class_counts(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
-    return torch.bincount(torch.tensor([label for _, label in samples], dtype=torch.long), minlength=num_classes)
+    return torch.bincount(
+        torch.tensor([label for _, label in samples], dtype=torch.long), minlength=num_classes
+    )
 
 
 def fingerprint(splits: Splits) -> dict:
@@ -243,7 +263,9 @@ def eval_resize_crop(spec: dict) -> T.Compose:
 
 def eval_transform(spec: dict) -> T.Compose:
     """uint8 CHW RGB tensor -> normalized float32 tensor, exactly as `spec` says."""
-    return T.Compose([eval_resize_crop(spec), T.ToDtype(torch.float32, scale=True), T.Normalize(spec["mean"], spec["std"])])
+    return T.Compose(
+        [eval_resize_crop(spec), T.ToDtype(torch.float32, scale=True), T.Normalize(spec["mean"], spec["std"])]
+    )
 
 
 def train_transform(
@@ -266,14 +288,24 @@ def train_transform(
     Normalize, random erasing. The options off add no step, so the transform is exactly the one without them."""
     steps = [
         T.RandomResizedCrop(
-            image_size, scale=crop_scale, ratio=crop_ratio, interpolation=InterpolationMode(interpolation), antialias=True
+            image_size,
+            scale=crop_scale,
+            ratio=crop_ratio,
+            interpolation=InterpolationMode(interpolation),
+            antialias=True,
         )
     ]
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     if auto_augment != "none":
-        steps.append(auto_augment_transform(auto_augment, num_ops=randaugment_num_ops, magnitude=randaugment_magnitude,
-                                            interpolation=interpolation))
+        steps.append(
+            auto_augment_transform(
+                auto_augment,
+                num_ops=randaugment_num_ops,
+                magnitude=randaugment_magnitude,
+                interpolation=interpolation,
+            )
+        )
     if color_jitter > 0:
         steps.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
@@ -341,7 +373,9 @@ def peek_batch(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     keys (ImageDataset seeds each key's transform under fork_rng; no worker is started); for the fast
     path's TensorLoader (pure by design: it seeds a generator per batch), its first batch."""
     if isinstance(loader, DataLoader):
-        items = [loader.dataset[key] for key in itertools.islice(loader.sampler, min(count, loader.batch_size))]
+        items = [
+            loader.dataset[key] for key in itertools.islice(loader.sampler, min(count, loader.batch_size))
+        ]
         return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
     images, labels = next(iter(loader))
     return images[:count], labels[:count]
@@ -358,4 +392,3 @@ def class_table(classes: list[str], counts: dict[str, torch.Tensor]) -> str:
     ratio = train.max().item() / max(1, train[train > 0].min().item()) if int(train.sum()) else float("nan")
     lines.append(f"{len(classes)} classes, imbalance ratio (train, largest/smallest) {ratio:.1f}")
     return "\n".join(lines)
-

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 
-def overfit_one_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 30, lr: float = 1e-3) -> tuple[float, float]:
+def overfit_one_batch(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 30, lr: float = 1e-3
+) -> tuple[float, float]:
     """Train a copy of `model` on one batch for `steps` Adam steps; return (first loss, last loss)."""
     probe = copy.deepcopy(model).train()
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr)

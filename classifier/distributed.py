@@ -129,9 +129,13 @@ def gather_strided(tensors: tuple[torch.Tensor, ...], num_samples: int) -> tuple
     dist.all_gather_object(shares, tensors)
     sizes = [len(share[0]) for share in shares]
     if sizes != [len(range(r, num_samples, world)) for r in range(world)]:
-        raise ValueError(f"evaluation shares of sizes {sizes} are not an unpadded strided split of {num_samples} items")
+        raise ValueError(
+            f"evaluation shares of sizes {sizes} are not an unpadded strided split of {num_samples} items"
+        )
     gathered = []
-    for i, first in enumerate(max(shares, key=lambda share: len(share[0]))):  # an empty share may lack the shape
+    for i, first in enumerate(
+        max(shares, key=lambda share: len(share[0]))
+    ):  # an empty share may lack the shape
         whole = torch.empty(num_samples, *first.shape[1:], dtype=first.dtype)
         for r, share in enumerate(shares):
             if sizes[r]:

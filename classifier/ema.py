@@ -20,7 +20,9 @@ def decay_per_step(half_life_epochs: float, steps_per_epoch: int) -> float:
     return 0.5 ** (1.0 / max(1.0, half_life_epochs * steps_per_epoch))
 
 
-def build_ema(model: nn.Module, half_life_epochs: float | None, steps_per_epoch: int, epochs: int) -> AveragedModel | None:
+def build_ema(
+    model: nn.Module, half_life_epochs: float | None, steps_per_epoch: int, epochs: int
+) -> AveragedModel | None:
     """A deep copy of `model` (pass the unwrapped module) that averages it; None when EMA is off."""
     if half_life_epochs is None:
         return None

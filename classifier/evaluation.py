@@ -58,7 +58,9 @@ def compute_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str
         "ece": expected_calibration_error(logits, labels),
         "ece_bins": ECE_BINS,
         "loss": F.cross_entropy(logits, labels).item(),
-        "classes_without_images": [name for name, has in zip(classes, present.tolist(), strict=True) if not has],
+        "classes_without_images": [
+            name for name, has in zip(classes, present.tolist(), strict=True) if not has
+        ],
         "per_class": [
             {
                 "class": name,
@@ -80,7 +82,9 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor) -> fl
     """Top-1 ECE (L1, ECE_BINS equal-width bins) of softmax(logits): torchmetrics' implementation, the one
     place the project computes it, so reports, training's calibration and the tests all agree."""
     probs = logits.float().softmax(dim=1)  # probabilities: torchmetrics would guess logits from their range
-    return MulticlassCalibrationError(logits.shape[1], n_bins=ECE_BINS, norm="l1")(probs, labels.long()).item()
+    return MulticlassCalibrationError(logits.shape[1], n_bins=ECE_BINS, norm="l1")(
+        probs, labels.long()
+    ).item()
 
 
 def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -> dict:
@@ -97,8 +101,12 @@ def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = E
     for row, values in enumerate((torch.ones_like(confidence), confidence, correct)):
         sums[row].index_add_(0, index, values)
     count = sums[0]
-    return {"edges": edges.tolist(), "confidence": (sums[1] / count).tolist(), "accuracy": (sums[2] / count).tolist(),
-            "count": count.long().tolist()}
+    return {
+        "edges": edges.tolist(),
+        "confidence": (sums[1] / count).tolist(),
+        "accuracy": (sums[2] / count).tolist(),
+        "count": count.long().tolist(),
+    }
 
 
 def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
@@ -126,7 +134,12 @@ def most_confused(confusion: torch.Tensor, classes: list[str], limit: int = 20) 
             break
         true, pred = divmod(index, len(classes))
         pairs.append(
-            {"true": classes[true], "predicted": classes[pred], "count": count, "share_of_true": count / int(support[true])}
+            {
+                "true": classes[true],
+                "predicted": classes[pred],
+                "count": count,
+                "share_of_true": count / int(support[true]),
+            }
         )
     return pairs
 

@@ -66,7 +66,9 @@ class _ResizedImages(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         # The same functions and arguments as data.eval_transform's Resize and CenterCrop, so a val cache
         # built with crop=image_size is bit for bit what eval_transform computes before normalizing.
-        image = F.resize(load_image(self.paths[index]), self.size, interpolation=self.interpolation, antialias=True)
+        image = F.resize(
+            load_image(self.paths[index]), self.size, interpolation=self.interpolation, antialias=True
+        )
         return F.center_crop(image, [self.crop, self.crop])
 
 
@@ -91,7 +93,9 @@ def decode_split(
     # In order (no sampler): row i is samples[i]. Its own generator: every DataLoader iterator draws a
     # seed, and drawing it from the global RNG would make model init depend on whether a cache existed.
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, generator=torch.Generator())
-    bar = tqdm(total=len(samples), desc="decoding images", unit="img", disable=not progress or len(samples) < 2000)
+    bar = tqdm(
+        total=len(samples), desc="decoding images", unit="img", disable=not progress or len(samples) < 2000
+    )
     done = 0
     for batch in loader:
         images[done : done + len(batch)] = batch
@@ -104,7 +108,9 @@ def decode_split(
 # --- the optional on-disk cache ---------------------------------------------------------------------
 
 
-def cache_identity(samples: Sequence[Sample], size: int, crop: int | None, interpolation: str) -> tuple[str, str]:
+def cache_identity(
+    samples: Sequence[Sample], size: int, crop: int | None, interpolation: str
+) -> tuple[str, str]:
     """(file name, contents key) of a split's cache. The name follows which files, labels and geometry;
     the key adds each file's byte size and mtime, so a cache whose images were rewritten is stale.
     Samples are hashed in their given order (not sorted): row i of the cache must be samples[i]."""
@@ -144,7 +150,9 @@ def load_or_build_cache(
     decoded, and saved there for the next run. A stale or unreadable cache is rebuilt, with a warning
     naming the file. With cache_dir None nothing touches the disk."""
     if cache_dir is None:
-        return decode_split(samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress)
+        return decode_split(
+            samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress
+        )
     name, key = cache_identity(samples, size, crop, interpolation)
     path = Path(cache_dir) / name
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
@@ -157,7 +165,9 @@ def load_or_build_cache(
         if problem is None:
             return cached["images"], labels
         warnings.warn(f"rebuilding the image cache {path}: {problem}", stacklevel=2)
-    images, labels = decode_split(samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress)
+    images, labels = decode_split(
+        samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress
+    )
     # Atomic: DDP ranks building the same cache at once, or a crash mid-write, never leave half a file.
     atomic_write(path, lambda tmp: torch.save({"format": CACHE_FORMAT, "key": key, "images": images}, tmp))
     return images, labels
@@ -167,14 +177,21 @@ def load_or_build_cache(
 
 
 def random_resized_boxes(
-    n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator
+    n: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """(n, 4) crop boxes (x1, y1, x2, y2) in pixels, drawn as v2.RandomResizedCrop draws one: area a
     uniform fraction of the image in `scale`, log-uniform aspect in `ratio`, the first of 10 attempts
     that fits, else the largest centered box with the ratio clamped. Vectorized over all n at once."""
     attempts = 10
     area = height * width * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
-    aspect = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    aspect = (
+        torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
+    )
     w, h = (area * aspect).sqrt(), (area / aspect).sqrt()
     fits = (w <= width) & (h <= height)
     first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
@@ -187,7 +204,9 @@ def random_resized_boxes(
     else:
         fallback_w, fallback_h = width, height
     found = fits.any(dim=1)
-    position = torch.rand(n, 2, generator=generator)  # drawn for every box, so the stream never depends on `found`
+    position = torch.rand(
+        n, 2, generator=generator
+    )  # drawn for every box, so the stream never depends on `found`
     w = torch.where(found, w, torch.tensor(float(fallback_w)))
     h = torch.where(found, h, torch.tensor(float(fallback_h)))
     x1 = torch.where(found, position[:, 0] * (width - w), (width - w) / 2)
@@ -235,10 +254,20 @@ class BatchAugment(nn.Module):
         super().__init__()
         self.size, self.crop_scale, self.crop_ratio = size, crop_scale, crop_ratio
         self.hflip, self.color_jitter, self.channels_last = hflip, color_jitter, channels_last
-        self.auto_augment = None if auto_augment == "none" else BatchAutoAugment(
-            auto_augment, num_ops=randaugment_num_ops, magnitude=randaugment_magnitude, interpolation=interpolation)
+        self.auto_augment = (
+            None
+            if auto_augment == "none"
+            else BatchAutoAugment(
+                auto_augment,
+                num_ops=randaugment_num_ops,
+                magnitude=randaugment_magnitude,
+                interpolation=interpolation,
+            )
+        )
         self.random_erasing = random_erasing
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -248,13 +277,17 @@ class BatchAugment(nn.Module):
         low = max(0.0, 1 - self.color_jitter)  # v2.ColorJitter's factor range
         factors = torch.empty(n, 3).uniform_(low, 1 + self.color_jitter, generator=generator)
         # One small host-to-device copy per batch: roi_align's (batch index, box) rows, flip, jitter.
-        params = torch.cat([torch.arange(n).unsqueeze(1).float(), boxes, flip.unsqueeze(1).float(), factors], dim=1)
+        params = torch.cat(
+            [torch.arange(n).unsqueeze(1).float(), boxes, flip.unsqueeze(1).float(), factors], dim=1
+        )
         params = to_device(params, images.device)
         rois, flip, factors = params[:, :5], params[:, 5].bool(), params[:, 6:].view(n, 3, 1, 1, 1)
 
         # sampling_ratio=-1: ceil(box side / output side) bilinear samples per output pixel, averaged;
         # aligned=True: pixel i covers [i, i + 1), so the full box reproduces the image exactly.
-        x = roi_align(images.float(), rois, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        x = roi_align(
+            images.float(), rois, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+        )
         if self.hflip:
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
         if self.auto_augment is not None:  # its ops want uint8, as v2's do after an antialiased resize
@@ -278,10 +311,14 @@ class BatchEval(nn.Module):
     result equals eval_transform's. A larger square is center-cropped first, as v2.CenterCrop would.
     Takes (and ignores) a generator so that TensorLoader calls both transforms alike."""
 
-    def __init__(self, size: int, *, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+    def __init__(
+        self, size: int, *, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
+    ):
         super().__init__()
         self.size, self.channels_last = size, channels_last
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -323,7 +360,9 @@ class TensorLoader:
         device: torch.device,
     ):
         if len(images) != len(labels) or len(images) != sampler.num_samples:
-            raise ValueError(f"{len(images)} images, {len(labels)} labels and a sampler over {sampler.num_samples} disagree")
+            raise ValueError(
+                f"{len(images)} images, {len(labels)} labels and a sampler over {sampler.num_samples} disagree"
+            )
         self.images = images.to(cache_device(images.nbytes, device))
         self.labels, self.sampler = labels, sampler
         self.batch_size, self.drop_last, self.device = batch_size, drop_last, device
@@ -368,20 +407,52 @@ def make_tensor_loaders(
     side = preprocessing["resize_shorter_side"]
     if data.cache_dir is not None and not distributed.is_main():
         distributed.barrier()
-    train_images, train_labels = load_or_build_cache(splits.train, side, data.interpolation, data.cache_dir,
-                                                     num_workers=workers, progress=progress)
-    val_images, val_labels = load_or_build_cache(splits.val, side, data.interpolation, data.cache_dir,
-                                                 crop=data.image_size, num_workers=workers, progress=progress)
+    train_images, train_labels = load_or_build_cache(
+        splits.train, side, data.interpolation, data.cache_dir, num_workers=workers, progress=progress
+    )
+    val_images, val_labels = load_or_build_cache(
+        splits.val,
+        side,
+        data.interpolation,
+        data.cache_dir,
+        crop=data.image_size,
+        num_workers=workers,
+        progress=progress,
+    )
     if data.cache_dir is not None and distributed.is_main():
         distributed.barrier()
-    augment = BatchAugment(data.image_size, crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, hflip=data.hflip,
-                           color_jitter=data.color_jitter, mean=data.mean, std=data.std, channels_last=channels_last,
-                           auto_augment=data.auto_augment, randaugment_num_ops=data.randaugment_num_ops,
-                           randaugment_magnitude=data.randaugment_magnitude, interpolation=data.interpolation,
-                           random_erasing=data.random_erasing)
+    augment = BatchAugment(
+        data.image_size,
+        crop_scale=data.crop_scale,
+        crop_ratio=data.crop_ratio,
+        hflip=data.hflip,
+        color_jitter=data.color_jitter,
+        mean=data.mean,
+        std=data.std,
+        channels_last=channels_last,
+        auto_augment=data.auto_augment,
+        randaugment_num_ops=data.randaugment_num_ops,
+        randaugment_magnitude=data.randaugment_magnitude,
+        interpolation=data.interpolation,
+        random_erasing=data.random_erasing,
+    )
     evaluate = BatchEval(data.image_size, mean=data.mean, std=data.std, channels_last=channels_last)
-    train_loader = TensorLoader(train_images, train_labels, train_sampler, batch_size=data.batch_size, drop_last=True,
-                                transform=augment, device=device)
-    val_loader = TensorLoader(val_images, val_labels, val_sampler, batch_size=data.batch_size, drop_last=False,
-                              transform=evaluate, device=device)
+    train_loader = TensorLoader(
+        train_images,
+        train_labels,
+        train_sampler,
+        batch_size=data.batch_size,
+        drop_last=True,
+        transform=augment,
+        device=device,
+    )
+    val_loader = TensorLoader(
+        val_images,
+        val_labels,
+        val_sampler,
+        batch_size=data.batch_size,
+        drop_last=False,
+        transform=evaluate,
+        device=device,
+    )
     return train_loader, val_loader

@@ -35,8 +35,12 @@ class StopRequest:
         if self.signum is not None:
             raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping at once")
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def requested(self, device: torch.device) -> bool:
         """True when any rank was signalled (under DDP a tiny all-reduce, so every rank stops at the same step)."""

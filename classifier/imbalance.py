@@ -31,11 +31,15 @@ def sampler_weights(labels: torch.Tensor, counts: torch.Tensor, alpha: float) ->
     frequencies, 1 draws every class equally often, values between interpolate (on a log scale)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--data.sampler-alpha must be in [0, 1], not {alpha}")
-    per_class = 1.0 / counts.clamp(min=1).double() if alpha == 1.0 else counts.clamp(min=1).double().pow(-alpha)
+    per_class = (
+        1.0 / counts.clamp(min=1).double() if alpha == 1.0 else counts.clamp(min=1).double().pow(-alpha)
+    )
     return per_class[labels]
 
 
-def training_prior(counts: torch.Tensor, sampler_alpha: float | None, loss_weights: torch.Tensor | None) -> torch.Tensor:
+def training_prior(
+    counts: torch.Tensor, sampler_alpha: float | None, loss_weights: torch.Tensor | None
+) -> torch.Tensor:
     """The class prior q the loss effectively sees (float64, sums to 1): the train split's frequencies,
     reshaped by the sampler (alpha, None when it is off) and by the loss's class weights."""
     q = counts.double()
@@ -47,7 +51,10 @@ def training_prior(counts: torch.Tensor, sampler_alpha: float | None, loss_weigh
 
 
 def logit_bias(
-    mode: LogitAdjustment, counts: torch.Tensor, sampler_alpha: float | None, loss_weights: torch.Tensor | None
+    mode: LogitAdjustment,
+    counts: torch.Tensor,
+    sampler_alpha: float | None,
+    loss_weights: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """The vector added to the logits: log t - log q, t being the train split's class frequencies
     ('frequency': probabilities as the data occurs, undoing the sampler) or uniform ('balanced': every

@@ -14,7 +14,11 @@ from torchvision.transforms import v2
 
 
 def soft_target_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, *, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of `logits` (N, C) against probability `targets` (N, C), each row summing to 1.
 
@@ -38,7 +42,9 @@ def soft_target_cross_entropy(
     so for weighted losses it would not match its own int-label result; hence this function.
     """
     num_classes = logits.shape[-1]
-    log_probs = logits.log_softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, as under autocast
+    log_probs = logits.log_softmax(
+        dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)
+    )  # fp32 at least, as under autocast
     smoothed = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
     if weight is None:
         return -(smoothed * log_probs).sum() / len(targets)  # sum_i s_i = N (rows sum to 1)
@@ -57,7 +63,9 @@ class CrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if targets.is_floating_point():
-            return soft_target_cross_entropy(logits, targets, weight=self.hard.weight, label_smoothing=self.label_smoothing)
+            return soft_target_cross_entropy(
+                logits, targets, weight=self.hard.weight, label_smoothing=self.label_smoothing
+            )
         return self.hard(logits, targets)
 
 
@@ -84,9 +92,13 @@ class BatchMixer:
             images, targets = mixer(images, labels)
     """
 
-    def __init__(self, num_classes: int, *, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0):
+    def __init__(
+        self, num_classes: int, *, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0
+    ):
         if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"--optim.mixup-alpha {mixup_alpha} and --optim.cutmix-alpha {cutmix_alpha} must be >= 0")
+            raise ValueError(
+                f"--optim.mixup-alpha {mixup_alpha} and --optim.cutmix-alpha {cutmix_alpha} must be >= 0"
+            )
         if not 0.0 <= mix_prob <= 1.0:
             raise ValueError(f"--optim.mix-prob {mix_prob} must be in [0, 1]")
         self.num_classes, self.mix_prob = num_classes, mix_prob
@@ -107,6 +119,10 @@ class BatchMixer:
         mix = self.mixes[int(choice_draw * len(self.mixes))]
         mixed, targets = mix(images, labels)
         # MixUp's roll() hands back a contiguous tensor; keep the caller's channels_last layout.
-        if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        if (
+            images.dim() == 4
+            and images.is_contiguous(memory_format=torch.channels_last)
+            and not images.is_contiguous()
+        ):
             mixed = mixed.contiguous(memory_format=torch.channels_last)
         return mixed, targets

@@ -56,8 +56,15 @@ def to_plain(computed: dict[str, torch.Tensor]) -> dict:
 
 
 @torch.no_grad()
-def batch_logits(model: nn.Module, loader, *, device: torch.device, autocast: AbstractContextManager,
-                 channels_last: bool = False, logit_bias: torch.Tensor | None = None):
+def batch_logits(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    autocast: AbstractContextManager,
+    channels_last: bool = False,
+    logit_bias: torch.Tensor | None = None,
+):
     """Yield (fp32 logits, labels) on `device` per batch of `loader`, the model in eval mode; `logit_bias`
     (one value per class: the logit adjustment, when on) is added to the logits. The one inference loop
     of validation and calibration."""
@@ -88,8 +95,9 @@ def evaluate(
     `logit_bias` (one value per class) is added to the logits first: the logit adjustment, when on."""
     loss_sum = torch.zeros((), device=device)
     count = torch.zeros((), device=device)
-    for logits, labels in batch_logits(model, loader, device=device, autocast=autocast, channels_last=channels_last,
-                                       logit_bias=logit_bias):
+    for logits, labels in batch_logits(
+        model, loader, device=device, autocast=autocast, channels_last=channels_last, logit_bias=logit_bias
+    ):
         metrics.update(logits, labels)
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         count += len(labels)

@@ -29,11 +29,17 @@ class SmallResNet(nn.Module):
         super().__init__()
 
         def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+            )
 
         layers, c_in = [], 3
         for width in widths:
-            layers += [conv_bn_relu(c_in, width), _Residual(conv_bn_relu(width, width), conv_bn_relu(width, width)), nn.MaxPool2d(2)]
+            layers += [
+                conv_bn_relu(c_in, width),
+                _Residual(conv_bn_relu(width, width), conv_bn_relu(width, width)),
+                nn.MaxPool2d(2),
+            ]
             c_in = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -68,10 +74,14 @@ def build_model(
     the head is replaced afterwards. `log` gets one line saying which weights were loaded."""
     if name in LOCAL_MODELS:
         if pretrained is not None or small_input_stem:
-            raise ValueError(f"--model {name} is trained from scratch and is built for small images: no --pretrained, no --small-input-stem")
+            raise ValueError(
+                f"--model {name} is trained from scratch and is built for small images: no --pretrained, no --small-input-stem"
+            )
         return LOCAL_MODELS[name](num_classes)
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown --model {name!r}; torchvision classification models include resnet18, resnet50, ...")
+        raise ValueError(
+            f"unknown --model {name!r}; torchvision classification models include resnet18, resnet50, ..."
+        )
     small_stem_loaded = False  # a small stem that came with the pretrained weights
     if pretrained is None:
         model = torchvision.models.get_model(name, num_classes=num_classes)
@@ -120,8 +130,9 @@ def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
             return
         if image_size < REFERENCE_IMAGE_SIZE and forward_error(model, REFERENCE_IMAGE_SIZE) is None:
             raise ValueError(f"--data.image-size {image_size} is too small for {name}: {error}") from error
-        raise RuntimeError(f"--model {name} fails on a blank batch of --data.image-size {image_size} images: "
-                           f"{error}") from error
+        raise RuntimeError(
+            f"--model {name} fails on a blank batch of --data.image-size {image_size} images: {error}"
+        ) from error
     finally:
         model.train(was_training)
 
@@ -153,7 +164,9 @@ def fold_logit_bias(model: nn.Module, logit_bias: torch.Tensor | list | None) ->
     state = dict(model.state_dict())
     if logit_bias is not None:
         key = f"{head_name(model)}.bias"
-        state[key] = state[key] + torch.as_tensor(logit_bias, dtype=state[key].dtype, device=state[key].device)
+        state[key] = state[key] + torch.as_tensor(
+            logit_bias, dtype=state[key].dtype, device=state[key].device
+        )
     return state
 
 
@@ -212,8 +225,10 @@ def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor]
         config = state.get("config") or {}
         if config.get("model", name) != name:
             raise ValueError(f"--pretrained {path} is a {config['model']} checkpoint, not {name}")
-        stem = {"small_input_stem": config.get("small_input_stem", False),
-                "stem_stride": config.get("stem_stride", 1)}
+        stem = {
+            "small_input_stem": config.get("small_input_stem", False),
+            "stem_stride": config.get("stem_stride", 1),
+        }
         state, which = inference_weights(state)
         return state, f"{'EMA' if which == 'ema' else 'raw'} weights of {path} (the ones validated)", stem
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

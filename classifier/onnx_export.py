@@ -50,7 +50,9 @@ def graph_module(model: nn.Module, input_kind: str, preprocessing: dict) -> nn.M
     """The module that gets traced: the model itself, or the model behind baked preprocessing."""
     if input_kind == "none":
         return model
-    return BakedPreprocessing(model, preprocessing["mean"], preprocessing["std"], input_kind == "uint8-nhwc").eval()
+    return BakedPreprocessing(
+        model, preprocessing["mean"], preprocessing["std"], input_kind == "uint8-nhwc"
+    ).eval()
 
 
 def input_spec(input_kind: str, crop: int) -> dict:
@@ -104,7 +106,9 @@ def export_onnx(module: nn.Module, path: Path, example: torch.Tensor, metadata: 
     for key, value in encode_metadata(metadata).items():
         program.model.metadata_props[key] = value
     program.save(str(path), external_data=False)
-    onnx.checker.check_model(str(path), full_check=True)  # a path, not a proto: the checker then allows > 2 GB
+    onnx.checker.check_model(
+        str(path), full_check=True
+    )  # a path, not a proto: the checker then allows > 2 GB
 
 
 def encode_metadata(values: dict) -> dict[str, str]:
@@ -212,17 +216,21 @@ def read_sidecar(onnx_path: Path) -> dict:
         sidecar, described_by = json.loads(beside.read_text()), beside
         differ = sorted(key for key in embedded.keys() & sidecar.keys() if embedded[key] != sidecar[key])
         if differ:
-            raise ValueError(f"{beside} disagrees with the metadata inside {onnx_path} on {differ}: "
-                             "is it another model's?")
+            raise ValueError(
+                f"{beside} disagrees with the metadata inside {onnx_path} on {differ}: is it another model's?"
+            )
     elif "idx_to_class" in embedded:
         sidecar, described_by = embedded, "its own metadata"
     else:
-        raise ValueError(f"{onnx_path}: no labels_mapping.json beside it and no class mapping in its "
-                         "metadata")
+        raise ValueError(
+            f"{onnx_path}: no labels_mapping.json beside it and no class mapping in its metadata"
+        )
     differ = graph_differences(proto, sidecar)
     if differ:
-        raise ValueError(f"{onnx_path} is not the graph {described_by} describes ({'; '.join(differ)}): "
-                         "is it another model's?")
+        raise ValueError(
+            f"{onnx_path} is not the graph {described_by} describes ({'; '.join(differ)}): "
+            "is it another model's?"
+        )
     return sidecar
 
 
@@ -236,15 +244,20 @@ def graph_differences(proto: onnx.ModelProto, sidecar: dict) -> list[str]:
     inputs = {value.name: value.type.tensor_type for value in proto.graph.input}
     outputs = {value.name: value.type.tensor_type for value in proto.graph.output}
     if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-        return [f"the graph has inputs {list(inputs)} and outputs {list(outputs)}, "
-                f"not {INPUT_NAME!r} and {OUTPUT_NAME!r}"]
+        return [
+            f"the graph has inputs {list(inputs)} and outputs {list(outputs)}, "
+            f"not {INPUT_NAME!r} and {OUTPUT_NAME!r}"
+        ]
     found = {
         "input dtype": onnx.helper.tensor_dtype_to_np_dtype(inputs[INPUT_NAME].elem_type).name,
         "input shape": dims(inputs[INPUT_NAME])[1:],
         "classes": dims(outputs[OUTPUT_NAME])[-1],
     }
-    return [f"{key}: graph {found[key]}, sidecar {expected[key]}"
-            for key in expected if found[key] != expected[key]]
+    return [
+        f"{key}: graph {found[key]}, sidecar {expected[key]}"
+        for key in expected
+        if found[key] != expected[key]
+    ]
 
 
 def dims(tensor_type: onnx.TypeProto.Tensor) -> list[int | str]:

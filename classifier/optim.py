@@ -50,7 +50,11 @@ def build_optimizer(
 
 
 def milestones_in_steps(
-    schedule: str, step_size_epochs: float, milestones_epochs: tuple[float, ...], steps_per_epoch: int, total_steps: int
+    schedule: str,
+    step_size_epochs: float,
+    milestones_epochs: tuple[float, ...],
+    steps_per_epoch: int,
+    total_steps: int,
 ) -> tuple[int, ...]:
     """The optimizer steps at which a 'step' or 'multistep' schedule multiplies the LR by gamma."""
     if schedule == "step":

@@ -42,8 +42,14 @@ def confusion_matrix_figure(confusion, classes: list[str], normalize: bool) -> F
     colorbar.set_label("share of the true class" if normalize else "images", fontsize=10)
     ticks = np.arange(n)
     rotation = 45 if n <= ANNOTATE_MAX_CLASSES else 90
-    ax.set_xticks(ticks, classes, fontsize=font_pt, rotation=rotation, ha="right" if rotation == 45 else "center",
-                  rotation_mode="anchor" if rotation == 45 else "default")
+    ax.set_xticks(
+        ticks,
+        classes,
+        fontsize=font_pt,
+        rotation=rotation,
+        ha="right" if rotation == 45 else "center",
+        rotation_mode="anchor" if rotation == 45 else "default",
+    )
     ax.set_yticks(ticks, classes, fontsize=font_pt)
     ax.set_xlabel("Predicted class", fontsize=11)
     ax.set_ylabel("True class", fontsize=11)
@@ -70,9 +76,19 @@ def curves_figure(records: list[dict]) -> Figure:
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True)
     panels = [
-        (axes[0, 0], "Loss", [("train", [r["train"]["loss"] for r in rows]), ("val", [r["val"]["loss"] for r in rows])]),
-        (axes[0, 1], "Top-1 accuracy", [("train (augmented)", [r["train"]["top1"] for r in rows]),
-                                        ("val", [r["val"]["top1"] for r in rows])]),
+        (
+            axes[0, 0],
+            "Loss",
+            [("train", [r["train"]["loss"] for r in rows]), ("val", [r["val"]["loss"] for r in rows])],
+        ),
+        (
+            axes[0, 1],
+            "Top-1 accuracy",
+            [
+                ("train (augmented)", [r["train"]["top1"] for r in rows]),
+                ("val", [r["val"]["top1"] for r in rows]),
+            ],
+        ),
         (axes[1, 0], "Macro F1 (val)", [("val", [r["val"]["macro_f1"] for r in rows])]),
         (axes[1, 1], "Learning rate (at epoch end)", [("lr", [r["lr"] for r in rows])]),
     ]
@@ -92,7 +108,9 @@ def curves_figure(records: list[dict]) -> Figure:
     return fig
 
 
-def errors_grid_figure(images, true_names: list[str], pred_names: list[str], confidences: list[float]) -> Figure:
+def errors_grid_figure(
+    images, true_names: list[str], pred_names: list[str], confidences: list[float]
+) -> Figure:
     """Misclassified images with their true and predicted class and the prediction's confidence.
     `images` are uint8 RGB, CHW tensors (as data.load_image returns) or HWC arrays."""
     n = len(images)
@@ -112,30 +130,55 @@ def errors_grid_figure(images, true_names: list[str], pred_names: list[str], con
         if isinstance(image, torch.Tensor):
             image = image.permute(1, 2, 0).numpy()  # CHW -> HWC for imshow
         ax.imshow(image, interpolation="nearest")  # small crops: show the pixels the model saw
-        title = f"true: {shorten(true_names[i])}\npred: {shorten(pred_names[i])}\n{confidences[i]:.0%} confident"
+        title = (
+            f"true: {shorten(true_names[i])}\npred: {shorten(pred_names[i])}\n{confidences[i]:.0%} confident"
+        )
         ax.set_title(title, fontsize=8, color="darkred")
     fig.suptitle(f"Most confident errors ({n} shown)", fontsize=12)
     return fig
 
 
-def reliability_figure(before: dict, after: dict, temperature: float, ece_before: float, ece_after: float) -> Figure:
+def reliability_figure(
+    before: dict, after: dict, temperature: float, ece_before: float, ece_after: float
+) -> Figure:
     """Accuracy against top-1 confidence per bin, before and after temperature scaling (side by side), with
     the diagonal a calibrated model follows and the image count per bin below. `before`/`after` are
     evaluation.reliability_bins results; bars above the diagonal are under-confident, below over-confident."""
     fig = Figure(figsize=(11, 6.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True, height_ratios=[3, 1.1])
-    panels = ((before, "Before: softmax(logits)", ece_before), (after, f"After: softmax(logits / {temperature:.3g})", ece_after))
+    panels = (
+        (before, "Before: softmax(logits)", ece_before),
+        (after, f"After: softmax(logits / {temperature:.3g})", ece_after),
+    )
     for col, (bins, title, ece) in enumerate(panels):
         top, bottom = axes[0, col], axes[1, col]
         edges, count = np.asarray(bins["edges"]), np.asarray(bins["count"])
         width = np.diff(edges)
         filled = count > 0  # empty bins have no accuracy (NaN): draw nothing there
         accuracy, confidence = np.asarray(bins["accuracy"])[filled], np.asarray(bins["confidence"])[filled]
-        top.bar(edges[:-1][filled], accuracy, width[filled], align="edge", color="tab:blue", alpha=0.75,
-                edgecolor="navy", label="accuracy in the bin")
+        top.bar(
+            edges[:-1][filled],
+            accuracy,
+            width[filled],
+            align="edge",
+            color="tab:blue",
+            alpha=0.75,
+            edgecolor="navy",
+            label="accuracy in the bin",
+        )
         # Hatching only, no fill: where the gap lies inside a bar (under-confident) the blue stays readable.
-        top.bar(edges[:-1][filled], confidence - accuracy, width[filled], bottom=accuracy, align="edge",
-                facecolor="none", edgecolor="tab:red", hatch="///", linewidth=1.2, label="gap to the mean confidence")
+        top.bar(
+            edges[:-1][filled],
+            confidence - accuracy,
+            width[filled],
+            bottom=accuracy,
+            align="edge",
+            facecolor="none",
+            edgecolor="tab:red",
+            hatch="///",
+            linewidth=1.2,
+            label="gap to the mean confidence",
+        )
         top.plot([0, 1], [0, 1], "--", color="black", linewidth=1, label="perfect calibration")
         top.set(xlim=(0, 1), ylim=(0, 1))
         top.set_title(f"{title}\nECE {ece:.4f}", fontsize=12)
@@ -150,13 +193,17 @@ def reliability_figure(before: dict, after: dict, temperature: float, ece_before
         bottom.set_ylabel("images", fontsize=10)
     # One legend below both panels: inside, it would hide bars wherever the model puts them.
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=10)
-    fig.suptitle(f"Reliability diagram: {int(np.sum(before['count']))} images, {len(before['count'])} bins "
-                 "(accuracy vs top-1 confidence; bars below the diagonal are over-confident)", fontsize=12)
+    fig.suptitle(
+        f"Reliability diagram: {int(np.sum(before['count']))} images, {len(before['count'])} bins "
+        "(accuracy vs top-1 confidence; bars below the diagonal are over-confident)",
+        fontsize=12,
+    )
     return fig
 
 
-def train_batch_figure(images: torch.Tensor, targets: torch.Tensor, classes: list[str], mean, std,
-                       max_images: int = 64) -> Figure:
+def train_batch_figure(
+    images: torch.Tensor, targets: torch.Tensor, classes: list[str], mean, std, max_images: int = 64
+) -> Figure:
     """A grid of (up to `max_images` of) one training batch as the model gets it: `images` normalized float
     (N, 3, H, W), shown with `mean`/`std` undone; `targets` class indices (N,), titled with the class name,
     or (N, C) soft targets (MixUp/CutMix), titled with their two largest shares ("0.6 Shirt" over "0.4 Coat")."""
@@ -176,11 +223,19 @@ def train_batch_figure(images: torch.Tensor, targets: torch.Tensor, classes: lis
     ax.axis("off")
     for i in range(n):
         x0, y0 = gap + (i % cols) * (tile + gap), 0.45 + (i // cols) * (tile + title_in) + title_in
-        ax.imshow(pixels[i], extent=(x0, x0 + tile, y0 + tile, y0), interpolation="nearest")  # the model's pixels
+        ax.imshow(
+            pixels[i], extent=(x0, x0 + tile, y0 + tile, y0), interpolation="nearest"
+        )  # the model's pixels
         ax.text(x0 + tile / 2, y0 - 0.03, titles[i], ha="center", va="bottom", fontsize=7, linespacing=1.1)
     h, w = images.shape[-2:]
-    ax.text(width / 2, 0.1, f"One augmented training batch, as the model sees it ({n} images, {h}x{w} px)",
-            ha="center", va="top", fontsize=11)
+    ax.text(
+        width / 2,
+        0.1,
+        f"One augmented training batch, as the model sees it ({n} images, {h}x{w} px)",
+        ha="center",
+        va="top",
+        fontsize=11,
+    )
     return fig
 
 
@@ -191,7 +246,9 @@ def target_text(target: torch.Tensor, classes: list[str]) -> str:
     shares, indices = target.float().topk(min(2, len(target)))
     if shares[0] > 0.99 or len(shares) == 1 or shares[1] < 0.01:  # not mixed (label smoothing aside)
         return shorten(classes[int(indices[0])], 16)
-    return "\n".join(f"{float(s):.2g} {shorten(classes[int(c)], 14)}" for s, c in zip(shares, indices, strict=True))
+    return "\n".join(
+        f"{float(s):.2g} {shorten(classes[int(c)], 14)}" for s, c in zip(shares, indices, strict=True)
+    )
 
 
 def shorten(name: str, limit: int = 22) -> str:
@@ -213,4 +270,6 @@ def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
     """Write `fig` as PNG atomically (a reader never sees half a file). The figure is not registered with
     pyplot, so there is nothing to close: it can still be logged to TensorBoard afterwards."""
     # bbox_inches="tight" crops the margins left where a square heatmap does not fill its figure.
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15))
+    atomic_write(
+        Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
+    )

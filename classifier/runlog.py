@@ -25,13 +25,18 @@ def run_directory(cfg: TrainConfig, resumed: dict | None) -> Path:
     if cfg.resume is not None:
         diffs = config_differences(from_dict(resumed["config"]), cfg)
         if diffs and not cfg.accept_config_changes:
-            raise SystemExit(f"error: flags given with --resume {cfg.resume} change the run's saved config:\n  "
-                             + "\n  ".join(diffs) + "\npass --accept-config-changes if these changes are intended")
+            raise SystemExit(
+                f"error: flags given with --resume {cfg.resume} change the run's saved config:\n  "
+                + "\n  ".join(diffs)
+                + "\npass --accept-config-changes if these changes are intended"
+            )
         return checkpoint.find_checkpoint(cfg.resume).parent.parent  # RUN/checkpoints/last.pt -> RUN
     run_dir = run_dir_for(cfg)
     if checkpoint.has_checkpoint(run_dir):
-        raise SystemExit(f"error: {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                         "or give this run another --name")
+        raise SystemExit(
+            f"error: {run_dir} already holds a run: continue it with --resume {run_dir}, "
+            "or give this run another --name"
+        )
     return run_dir
 
 
@@ -42,7 +47,9 @@ def check_writable(run_dir: Path) -> None:
         checkpoint.write_text(run_dir / ".write-test", "ok")
         (run_dir / ".write-test").unlink()
     except OSError as err:
-        raise SystemExit(f"error: cannot write to the run directory {run_dir} (check --out-dir): {err.strerror or err}") from err
+        raise SystemExit(
+            f"error: cannot write to the run directory {run_dir} (check --out-dir): {err.strerror or err}"
+        ) from err
 
 
 class RunLog:
@@ -92,7 +99,11 @@ def environment() -> dict:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=5).stdout.strip())
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {"versions": versions, "git_commit": commit, "git_dirty": dirty}

@@ -71,7 +71,6 @@ class EpochSampler(Sampler):
         mine = slice(self.rank + self.start * self.world_size, None, self.world_size)
         yield from zip(indices[mine].tolist(), seeds[mine].tolist(), strict=True)
 
-
     def batch_indices(self, batch: int, batch_size: int, rank: int | None = None) -> list[int]:
         """Dataset indices of batch number `batch` (counted from the epoch's start) of `rank`'s share of this
         epoch (default: this rank): how the trainer names the files of a batch that produced a NaN loss."""

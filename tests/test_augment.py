@@ -32,14 +32,18 @@ def seeded(seed: int) -> torch.Generator:
 def picture(seed: int = 0, side: int = 32) -> torch.Tensor:
     """A uint8 RGB image with structure (ramps and a square), so that every op changes it visibly."""
     ramp = torch.linspace(0, 255, side)
-    image = torch.stack([ramp.expand(side, side), ramp.view(side, 1).expand(side, side), torch.full((side, side), 60.0)])
+    image = torch.stack(
+        [ramp.expand(side, side), ramp.view(side, 1).expand(side, side), torch.full((side, side), 60.0)]
+    )
     image[:, side // 4 : side // 2, side // 3 : side - 4] = 230
     noise = torch.randint(0, 40, (3, side, side), generator=seeded(seed))
     return (image * 0.8 + noise).clamp(0, 255).byte()
 
 
 def fast_augment(size=16, **options) -> BatchAugment:
-    settings = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.3, mean=MEAN, std=STD)
+    settings = dict(
+        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.3, mean=MEAN, std=STD
+    )
     return BatchAugment(size, **{**settings, **options})
 
 
@@ -49,7 +53,9 @@ def fast_augment(size=16, **options) -> BatchAugment:
 def test_train_transform_off_is_the_transform_without_the_options_on_changes_it():
     image = picture()
     plain = train_transform(*REGULAR)
-    off = train_transform(*REGULAR, auto_augment="none", randaugment_num_ops=5, randaugment_magnitude=20, random_erasing=0.0)
+    off = train_transform(
+        *REGULAR, auto_augment="none", randaugment_num_ops=5, randaugment_magnitude=20, random_erasing=0.0
+    )
     assert [type(t) for t in off.transforms] == [type(t) for t in plain.transforms]
     for seed in range(5):
         torch.manual_seed(seed)
@@ -59,8 +65,15 @@ def test_train_transform_off_is_the_transform_without_the_options_on_changes_it(
 
     # On: the reference recipe's order, and a different image from the same seed.
     on = train_transform(*REGULAR, auto_augment="randaugment", random_erasing=0.5)
-    assert [type(t) for t in on.transforms] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.RandAugment, T.ColorJitter,
-                                                T.ToDtype, T.Normalize, T.RandomErasing]
+    assert [type(t) for t in on.transforms] == [
+        T.RandomResizedCrop,
+        T.RandomHorizontalFlip,
+        T.RandAugment,
+        T.ColorJitter,
+        T.ToDtype,
+        T.Normalize,
+        T.RandomErasing,
+    ]
     trivial = train_transform(*REGULAR, auto_augment="trivialaugment")
     assert isinstance(trivial.transforms[2], T.TrivialAugmentWide)
     for transform in (on, trivial, train_transform(*REGULAR, random_erasing=1.0)):
@@ -126,9 +139,12 @@ def test_batched_ops_land_on_their_own_images():
     for i in range(48):
         name, (magnitudes_fn, signed) = batched.space[int(ops[i])]
         magnitudes = magnitudes_fn(31, 20, 20)
-        magnitude = 0.0 if magnitudes is None else float(magnitudes[9]) * (-1.0 if signed and negative[i] else 1.0)
-        expected = transform._apply_image_or_video_transform(images[i], name, magnitude, interpolation=transform.interpolation,
-                                                             fill=transform._fill)
+        magnitude = (
+            0.0 if magnitudes is None else float(magnitudes[9]) * (-1.0 if signed and negative[i] else 1.0)
+        )
+        expected = transform._apply_image_or_video_transform(
+            images[i], name, magnitude, interpolation=transform.interpolation, fill=transform._fill
+        )
         assert torch.equal(out[i], expected), f"image {i} ({name})"
 
 
@@ -154,7 +170,10 @@ def test_fast_options_off_change_nothing_on_change_only_what_they_should():
     images = torch.randint(0, 256, (32, 3, 20, 20), dtype=torch.uint8, generator=seeded(1))
     plain, generator = fast_augment(), seeded(7)
     expected = plain(images, generator)
-    off, off_generator = fast_augment(auto_augment="none", randaugment_num_ops=4, random_erasing=0.0), seeded(7)
+    off, off_generator = (
+        fast_augment(auto_augment="none", randaugment_num_ops=4, random_erasing=0.0),
+        seeded(7),
+    )
     assert torch.equal(off(images, off_generator), expected)
     assert torch.equal(off_generator.get_state(), generator.get_state())
     # ...and both drew exactly what the transform drew before the options existed: boxes, flips, jitter.
@@ -178,7 +197,9 @@ def test_fast_options_off_change_nothing_on_change_only_what_they_should():
     on = fast_augment(auto_augment="randaugment")(images, generator)
     replay = seeded(7)
     plain(images, replay)
-    BatchAutoAugment("randaugment", num_ops=2, magnitude=9, interpolation="bilinear")(torch.zeros(32, 3, 16, 16, dtype=torch.uint8), replay)
+    BatchAutoAugment("randaugment", num_ops=2, magnitude=9, interpolation="bilinear")(
+        torch.zeros(32, 3, 16, 16, dtype=torch.uint8), replay
+    )
     assert torch.equal(generator.get_state(), replay.get_state())
     assert on.shape == expected.shape and (on != expected).flatten(1).any(dim=1).float().mean() > 0.8
 
@@ -193,7 +214,9 @@ def test_random_erase_erases_the_requested_fraction_of_images():
     # v2.RandomErasing's scale (0.02, 0.33), rounded to whole pixels.
     assert area.min() >= 0.015 and area.max() <= 0.36
     assert 0.13 < area.mean().item() < 0.2
-    assert torch.equal(random_erase(x, 0.3, seeded(0)), out) and torch.equal(random_erase(x, 0.0, seeded(0)), x)
+    assert torch.equal(random_erase(x, 0.3, seeded(0)), out) and torch.equal(
+        random_erase(x, 0.0, seeded(0)), x
+    )
 
 
 # --- the training-batch picture ---------------------------------------------------------------------
@@ -212,12 +235,25 @@ def test_peek_batch_is_the_first_batch_and_draws_from_no_rng(tmp_path):
     samples = noise_folder(tmp_path)
     transform = train_transform(*REGULAR, auto_augment="randaugment", random_erasing=0.5)
     sampler = EpochSampler(len(samples), shuffle=True, seed=4)
-    loader = make_loader(ImageDataset(samples, transform), sampler, batch_size=8, num_workers=0, drop_last=True,
-                         pin_memory=False)
+    loader = make_loader(
+        ImageDataset(samples, transform),
+        sampler,
+        batch_size=8,
+        num_workers=0,
+        drop_last=True,
+        pin_memory=False,
+    )
     images = torch.stack([load_image(path) for path, _ in samples])
     labels = torch.tensor([label for _, label in samples])
-    fast = TensorLoader(images, labels, sampler, batch_size=8, drop_last=True, device=torch.device("cpu"),
-                        transform=fast_augment(24, auto_augment="trivialaugment", random_erasing=0.5))
+    fast = TensorLoader(
+        images,
+        labels,
+        sampler,
+        batch_size=8,
+        drop_last=True,
+        device=torch.device("cpu"),
+        transform=fast_augment(24, auto_augment="trivialaugment", random_erasing=0.5),
+    )
     for peeked_loader in (loader, fast):
         states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
         loader_state = loader.generator.get_state()
@@ -236,7 +272,9 @@ def test_train_batch_figure_titles_hard_and_soft_targets(tmp_path):
     fig = plots.train_batch_figure(images, labels, classes, (0.5,) * 3, (0.25,) * 3)
     (ax,) = fig.axes
     assert len(ax.images) == 64  # at most 64 tiles
-    assert np.allclose(ax.images[0].get_array()[..., 0], 1.0) and np.allclose(ax.images[0].get_array()[..., 1], 0.5)
+    assert np.allclose(ax.images[0].get_array()[..., 0], 1.0) and np.allclose(
+        ax.images[0].get_array()[..., 1], 0.5
+    )
     titles = [t.get_text() for t in ax.texts[:-1] if t.get_text()]
     assert titles[:3] == ["Coat", "Shirt", "a_very_long_cla…"]
 
@@ -257,17 +295,44 @@ def test_training_writes_the_batch_picture_and_it_changes_nothing(fmnist_small_r
     equal weights without it (peek_batch replaced by a constant batch), bit for bit; resume draws none."""
     from PIL import Image as PILImage
 
-    common = ["--model", "mobilenet_v3_small", "--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path),
-              "--epochs", "1", "--data.batch-size", "8", "--data.num-workers", "2", "--data.max-train-batches", "3",
-              "--data.image-size", "32", "--data.resize-size", "32", "--no-progress",
-              "--data.auto-augment", "randaugment", "--data.random-erasing", "0.25", "--ema-half-life-epochs", "None",
-              "--data.no-scan-images"]
+    common = [
+        "--model",
+        "mobilenet_v3_small",
+        "--data.root",
+        str(fmnist_small_root),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--data.batch-size",
+        "8",
+        "--data.num-workers",
+        "2",
+        "--data.max-train-batches",
+        "3",
+        "--data.image-size",
+        "32",
+        "--data.resize-size",
+        "32",
+        "--no-progress",
+        "--data.auto-augment",
+        "randaugment",
+        "--data.random-erasing",
+        "0.25",
+        "--ema-half-life-epochs",
+        "None",
+        "--data.no-scan-images",
+    ]
     train.main(parse_cli([*common, "--name", "with"]))
     with PILImage.open(tmp_path / "with" / "plots" / "train_batch.png") as png:
         assert png.format == "PNG" and png.size[0] > 600  # 8 columns of tiles
         assert np.asarray(png.convert("L")).std() > 20  # not blank
 
-    monkeypatch.setattr(train, "peek_batch", lambda loader, count: (torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)))
+    monkeypatch.setattr(
+        train,
+        "peek_batch",
+        lambda loader, count: (torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)),
+    )
     train.main(parse_cli([*common, "--name", "without"]))
     a, b = load_checkpoint(tmp_path / "with"), load_checkpoint(tmp_path / "without")
     assert a["step"] == b["step"] == 3
@@ -293,11 +358,39 @@ def test_fast_path_run_with_trivialaugment_writes_the_picture(fmnist_small_root,
         return real_figure(images, targets, *args, **kwargs)
 
     monkeypatch.setattr(plots, "train_batch_figure", recording)
-    result = train.main(parse_cli(["--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path), "--name", "fast",
-                                   "--data.fast-path", "--data.auto-augment", "trivialaugment", "--data.random-erasing", "0.5",
-                                   "--epochs", "1", "--data.batch-size", "16", "--data.max-train-batches", "2",
-                                   "--data.num-workers", "0", "--data.image-size", "32", "--data.resize-size", "32",
-                                   "--no-progress", "--ema-half-life-epochs", "None", "--data.no-scan-images"]))
+    result = train.main(
+        parse_cli(
+            [
+                "--data.root",
+                str(fmnist_small_root),
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "fast",
+                "--data.fast-path",
+                "--data.auto-augment",
+                "trivialaugment",
+                "--data.random-erasing",
+                "0.5",
+                "--epochs",
+                "1",
+                "--data.batch-size",
+                "16",
+                "--data.max-train-batches",
+                "2",
+                "--data.num-workers",
+                "0",
+                "--data.image-size",
+                "32",
+                "--data.resize-size",
+                "32",
+                "--no-progress",
+                "--ema-half-life-epochs",
+                "None",
+                "--data.no-scan-images",
+            ]
+        )
+    )
     assert result["step"] == 2 and (tmp_path / "fast" / "plots" / "train_batch.png").stat().st_size > 10_000
     (images,) = drawn
     assert images.shape == (16, 3, 32, 32)

@@ -50,7 +50,9 @@ def make_battery(root: Path) -> dict[str, Path]:
         (root / "val" / name).mkdir(parents=True)
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "val" / name / "v.png")
     odd = root / "train" / "2"
-    Image.fromarray(np.linspace(0, 65535, 64 * 16).astype(np.uint16).reshape(16, 64)).save(odd / "sixteen-bit.png")
+    Image.fromarray(np.linspace(0, 65535, 64 * 16).astype(np.uint16).reshape(16, 64)).save(
+        odd / "sixteen-bit.png"
+    )
     cmyk = halves((0, 255, 255, 0), (255, 255, 0, 0))  # red | blue
     Image.fromarray(cmyk, mode="CMYK").save(odd / "cmyk.jpg")
     Image.new("RGBA", (10, 10), (255, 0, 0, 128)).save(odd / "rgba.png")
@@ -85,7 +87,9 @@ def test_odd_but_valid_images_load_correctly(tmp_path):
     make_battery(tmp_path)
     odd = tmp_path / "train" / "2"
     sixteen = load_image(str(odd / "sixteen-bit.png"))
-    assert sixteen.shape == (3, 16, 64) and 0 <= sixteen.min() <= 5 and sixteen.max() >= 250  # rescaled, not clipped to white
+    assert (
+        sixteen.shape == (3, 16, 64) and 0 <= sixteen.min() <= 5 and sixteen.max() >= 250
+    )  # rescaled, not clipped to white
     cmyk = load_image(str(odd / "cmyk.jpg"))
     assert cmyk.shape == (3, 10, 10)
     assert np.abs(cmyk.permute(1, 2, 0).int().numpy() - halves((255, 0, 0), (0, 0, 255))).max() <= 8  # JPEG
@@ -129,8 +133,24 @@ def test_scan_finds_exactly_the_bad_files(tmp_path):
 def test_training_stops_early_naming_bad_files_or_skips_them(tmp_path, repo_root):
     bad = make_battery(tmp_path / "data")
     (tmp_path / "data" / "train" / "empty class").rmdir()
-    args = ["train.py", "--data.root", tmp_path / "data", "--out-dir", tmp_path / "runs", "--epochs", "1",
-            "--data.image-size", "16", "--data.resize-size", "16", "--data.batch-size", "4", "--data.num-workers", "0", "--no-progress"]
+    args = [
+        "train.py",
+        "--data.root",
+        tmp_path / "data",
+        "--out-dir",
+        tmp_path / "runs",
+        "--epochs",
+        "1",
+        "--data.image-size",
+        "16",
+        "--data.resize-size",
+        "16",
+        "--data.batch-size",
+        "4",
+        "--data.num-workers",
+        "0",
+        "--no-progress",
+    ]
     proc = run_script([*args, "--name", "strict"], cwd=repo_root)
     assert proc.returncode != 0
     assert "3 unreadable image files" in proc.stderr and all(str(p) in proc.stderr for p in bad.values())
@@ -141,7 +161,9 @@ def test_training_stops_early_naming_bad_files_or_skips_them(tmp_path, repo_root
     assert proc.returncode == 0
     report = (tmp_path / "runs" / "lenient" / "bad_images.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in report) == sorted(str(p) for p in bad.values())
-    assert torch.load(tmp_path / "runs" / "lenient" / "checkpoints" / "last.pt", weights_only=True)["classes"][:2] == ["2", "10"]
+    assert torch.load(tmp_path / "runs" / "lenient" / "checkpoints" / "last.pt", weights_only=True)[
+        "classes"
+    ][:2] == ["2", "10"]
 
 
 def make_tiny_split(root: Path, files: dict[str, bytes | None]) -> None:

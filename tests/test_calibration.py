@@ -28,7 +28,9 @@ from classifier.images import load_image
 from classifier.sampling import EpochSampler
 
 
-def synthetic(temperature: float, n: int = 20_000, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic(
+    temperature: float, n: int = 20_000, k: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits z and labels drawn from softmax(z / temperature): the true temperature is known."""
     generator = torch.Generator().manual_seed(seed)
     logits = 3.0 * torch.randn(n, k, generator=generator)
@@ -80,7 +82,9 @@ def test_reliability_bins_add_up_to_the_ece():
     count = torch.tensor(bins["count"], dtype=torch.float64)
     assert count.sum() == 3000 and len(count) == 15
     gap = (torch.tensor(bins["accuracy"]) - torch.tensor(bins["confidence"])).abs().nan_to_num()
-    assert (count * gap).sum().item() / 3000 == pytest.approx(expected_calibration_error(logits, labels), abs=1e-5)
+    assert (count * gap).sum().item() / 3000 == pytest.approx(
+        expected_calibration_error(logits, labels), abs=1e-5
+    )
     confidence = logits.softmax(dim=1).max(dim=1).values
     top = confidence >= 14 / 15
     assert bins["count"][-1] == int(top.sum())
@@ -92,8 +96,13 @@ def test_collect_logits_adds_the_bias_and_keeps_the_order():
     model = nn.Linear(4, 3)
     loader = DataLoader(TensorDataset(images, labels), batch_size=4, sampler=EpochSampler(11, shuffle=False))
     bias = torch.tensor([0.5, -1.0, 2.0])
-    logits, targets = collect_logits(model, loader, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False),
-                                     logit_bias=bias)
+    logits, targets = collect_logits(
+        model,
+        loader,
+        device=torch.device("cpu"),
+        autocast=torch.autocast("cpu", enabled=False),
+        logit_bias=bias,
+    )
     assert logits.dtype == torch.float32 and torch.equal(targets, labels)
     torch.testing.assert_close(logits, model(images).detach() + bias)
 
@@ -122,7 +131,9 @@ def test_gather_strided_restores_the_dataset_order_once_per_item(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         logits, indices = result["gathered"]
         assert torch.equal(indices, torch.arange(5))
-        assert torch.equal(logits[:, 0], torch.arange(5).float()) and torch.equal(logits[:, 1], -torch.arange(5).float())
+        assert torch.equal(logits[:, 0], torch.arange(5).float()) and torch.equal(
+            logits[:, 1], -torch.arange(5).float()
+        )
         assert "not an unpadded strided split of 5" in result["refused"]
 
 
@@ -137,19 +148,30 @@ def tiny_run(fmnist_small_root, tmp_path_factory) -> Path:
 def val_logits(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """best.pt's model over the run's validation split, rebuilt from scratch (as evaluate.py does)."""
     cfg = state["config"]
-    splits = build_splits(Path(cfg["data"]["root"]), cfg["data"]["val_fraction"], cfg["seed"], classes=state["classes"])
-    loader = make_loader(ImageDataset(splits.val, eval_transform(state["preprocessing"])), EpochSampler(len(splits.val), shuffle=False),
-                         batch_size=8, num_workers=0, drop_last=False, pin_memory=False)
+    splits = build_splits(
+        Path(cfg["data"]["root"]), cfg["data"]["val_fraction"], cfg["seed"], classes=state["classes"]
+    )
+    loader = make_loader(
+        ImageDataset(splits.val, eval_transform(state["preprocessing"])),
+        EpochSampler(len(splits.val), shuffle=False),
+        batch_size=8,
+        num_workers=0,
+        drop_last=False,
+        pin_memory=False,
+    )
     model, _ = ckpt.model_from_checkpoint(state)
-    return collect_logits(model, loader, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False)), loader
+    return collect_logits(
+        model, loader, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False)
+    ), loader
 
 
 def independent_val_logits(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """best.pt's model run by hand over the run's val images, one batch, then float64: neither a loader nor
     collect_logits, so what calibration stored is checked against a second computation."""
     cfg = state["config"]
-    splits = build_splits(Path(cfg["data"]["root"]), cfg["data"]["val_fraction"], cfg["seed"],
-                          classes=state["classes"])
+    splits = build_splits(
+        Path(cfg["data"]["root"]), cfg["data"]["val_fraction"], cfg["seed"], classes=state["classes"]
+    )
     transform = eval_transform(state["preprocessing"])
     images = torch.stack([transform(load_image(path)) for path, _ in splits.val])
     model, _ = ckpt.model_from_checkpoint(state)
@@ -196,7 +218,12 @@ def test_calibrate_best_leaves_the_rng_alone_and_skips_without_best(tiny_run, tm
     before = torch.get_rng_state()
     lines = []
     log = SimpleNamespace(print=lines.append)
-    args = dict(device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False), channels_last=False, log=log)
+    args = dict(
+        device=torch.device("cpu"),
+        autocast=torch.autocast("cpu", enabled=False),
+        channels_last=False,
+        log=log,
+    )
     assert calibrate_best(run, loader, **args) == pytest.approx(best["temperature"], rel=1e-4)
     assert torch.equal(torch.get_rng_state(), before)
     assert len(lines) == 1 and lines[0].startswith("calibration: temperature") and "ECE" in lines[0]
@@ -212,8 +239,12 @@ def test_fits_on_the_logits_with_the_checkpoints_logit_bias(tiny_run, tmp_path):
     (logits, labels), loader = val_logits({**best, "logit_bias": None})
     bias = torch.linspace(-2.0, 2.0, logits.shape[1])
     ckpt.save_checkpoint({**best, "logit_bias": bias.tolist()}, run / "checkpoints" / "best.pt")
-    args = dict(device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False), channels_last=False,
-                log=SimpleNamespace(print=print))
+    args = dict(
+        device=torch.device("cpu"),
+        autocast=torch.autocast("cpu", enabled=False),
+        channels_last=False,
+        log=SimpleNamespace(print=print),
+    )
     fitted = calibrate_best(run, loader, **args)
     assert fitted == pytest.approx(fit_temperature(logits + bias, labels), rel=1e-3)
     # The NLL before scaling tells apart no bias, the bias once and twice (T alone may clamp for all three).

@@ -77,7 +77,9 @@ def test_safetensors_with_metadata(tmp_path):
     from safetensors import safe_open
 
     conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
-    ckpt.save_safetensors(conv.state_dict(), tmp_path / "w.safetensors", {"classes": ["a", "b"], "model": "x"})
+    ckpt.save_safetensors(
+        conv.state_dict(), tmp_path / "w.safetensors", {"classes": ["a", "b"], "model": "x"}
+    )
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
         assert f.metadata() == {"classes": '["a", "b"]', "model": "x"}
         assert torch.equal(f.get_tensor("weight"), conv.weight)

@@ -32,7 +32,9 @@ def make_folder(root: Path, layout: dict[str, dict[str, int]], size=(20, 16), mo
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                Image.new(mode, size, color=(c * 20 % 256, i % 256, 7)[: len(mode)] if mode != "L" else c * 20).save(folder / f"{i}.png")
+                Image.new(
+                    mode, size, color=(c * 20 % 256, i % 256, 7)[: len(mode)] if mode != "L" else c * 20
+                ).save(folder / f"{i}.png")
     return root
 
 

@@ -38,7 +38,9 @@ def checkpoint_report(run_and_onnx, tmp_path_factory) -> Path:
     """evaluate.py as a user runs it, on best.pt, over the run's own validation split."""
     run_dir, _ = run_and_onnx
     out = tmp_path_factory.mktemp("eval") / "report"
-    proc = run_script(["evaluate.py", run_dir / "checkpoints" / "best.pt", "--split", "val", "--out", out], cwd=REPO_ROOT)
+    proc = run_script(
+        ["evaluate.py", run_dir / "checkpoints" / "best.pt", "--split", "val", "--out", out], cwd=REPO_ROOT
+    )
     assert proc.returncode == 0, proc.stderr
     assert "top-1" in proc.stdout
     return out
@@ -118,9 +120,13 @@ def test_reports_calibration_with_the_checkpoints_temperature(run_and_onnx, chec
     assert report["temperature"] == best["temperature"] and report["temperature_fitted"] is True
     # The val split with best.pt's weights: the numbers train.py measured when it fitted T.
     fit = best["temperature_fit"]
-    assert report["nll"] == pytest.approx(fit["val_nll_before"], abs=1e-4) and report["nll"] == pytest.approx(report["loss"])
+    assert report["nll"] == pytest.approx(fit["val_nll_before"], abs=1e-4) and report["nll"] == pytest.approx(
+        report["loss"]
+    )
     assert report["nll_calibrated"] == pytest.approx(fit["val_nll_after"], abs=1e-4)
-    assert (report["ece"], report["ece_calibrated"]) == pytest.approx((fit["val_ece_before"], fit["val_ece_after"]), abs=1e-4)
+    assert (report["ece"], report["ece_calibrated"]) == pytest.approx(
+        (fit["val_ece_before"], fit["val_ece_after"]), abs=1e-4
+    )
 
     # A checkpoint from before calibration existed: T = 1.0, said so, and nothing changes.
     old = {k: v for k, v in best.items() if k not in ("temperature", "temperature_fit")}

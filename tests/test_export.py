@@ -51,7 +51,16 @@ def tiny_fmnist_run(fmnist_root: Path, base: Path) -> Path:
     if not (run_dir / "checkpoints" / "best.pt").is_file():
         # The ImageNet stem at 32 px: the cheapest ResNet18 to train; the architecture is not under test.
         # Two steps: the EMA copies the model at its first update and only averages from the second on.
-        flags = ["--data.image-size", "32", "--data.resize-size", "32", "--data.batch-size", "8", "--data.max-train-batches", "2"]
+        flags = [
+            "--data.image-size",
+            "32",
+            "--data.resize-size",
+            "32",
+            "--data.batch-size",
+            "8",
+            "--data.max-train-batches",
+            "2",
+        ]
         train_tiny_run(fmnist_root, run_dir.parent, *flags)
     return run_dir
 
@@ -60,7 +69,10 @@ def tiny_fmnist_export(run_dir: Path, base: Path) -> tuple[Path, str]:
     """The command line as a user runs it: export.py on best.pt into a fresh folder; (folder, stdout)."""
     out, log = base / "tiny-fmnist-export", base / "tiny-fmnist-export.log"
     if not log.is_file():
-        proc = run_script(["export.py", run_dir / "checkpoints" / "best.pt", "--out", out, "--batch-size", "8"], cwd=REPO_ROOT)
+        proc = run_script(
+            ["export.py", run_dir / "checkpoints" / "best.pt", "--out", out, "--batch-size", "8"],
+            cwd=REPO_ROOT,
+        )
         assert proc.returncode == 0, proc.stderr
         log.write_text(proc.stdout)
     return out, log.read_text()
@@ -165,13 +177,23 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
     assert sidecar["preprocessing"] == state["preprocessing"]
     assert sidecar["weights"] == "ema" and sidecar["data"]["seed"] == 0
     assert sidecar["source_checkpoint"] == str((fmnist_run / "checkpoints" / "best.pt").resolve())
-    assert sidecar["input"] == {"name": "images", "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, 32, 32]}
+    assert sidecar["input"] == {
+        "name": "images",
+        "dtype": "float32",
+        "layout": "NCHW",
+        "shape": ["batch", 3, 32, 32],
+    }
     assert sidecar["temperature"] == state["temperature"] and sidecar["temperature_fitted"] is True
-    assert "softmax(logits / temperature)" in sidecar["temperature_note"] and "NOT divided" in sidecar["temperature_note"]
+    assert (
+        "softmax(logits / temperature)" in sidecar["temperature_note"]
+        and "NOT divided" in sidecar["temperature_note"]
+    )
 
     proto = onnx.load(str(out / "model.onnx"))
     assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [onnx_export.OPSET]
-    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == [
+        "logits"
+    ]
     assert onnx_export.read_onnx_metadata(out / "model.onnx") == sidecar
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert onnx_export.decode_metadata(f.metadata()) == sidecar
@@ -226,7 +248,9 @@ def test_baked_module_equals_the_pytorch_pipeline(layout, fmnist_best, fmnist_sm
     torch.testing.assert_close(baked, expected, atol=1e-5, rtol=0)
 
 
-def test_failed_verification_exits_nonzero_and_leaves_no_model(fmnist_run, exported, tmp_path, monkeypatch, capsys):
+def test_failed_verification_exits_nonzero_and_leaves_no_model(
+    fmnist_run, exported, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "deploy"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"the previous, verified export")
@@ -255,13 +279,15 @@ def test_failed_verification_exits_nonzero_and_leaves_no_model(fmnist_run, expor
 
 def test_verification_images_real_or_clearly_synthetic(fmnist_small_root, tmp_path):
     classes = build_splits(fmnist_small_root, 0.1, 0).classes
-    images, note = export.verification_images(fmnist_small_root, classes, 0.1, 0, n=5, size=32,
-                                              root_given=False)
+    images, note = export.verification_images(
+        fmnist_small_root, classes, 0.1, 0, n=5, size=32, root_given=False
+    )
     assert len(images) == 5 and note.startswith("verifying on 5 real images")
     assert len({i.sum().item() for i in images}) == 5  # spread over the split, not one image repeated
 
-    images, note = export.verification_images(tmp_path / "gone", classes, 0.1, 0, n=3, size=40,
-                                              root_given=False)
+    images, note = export.verification_images(
+        tmp_path / "gone", classes, 0.1, 0, n=3, size=40, root_given=False
+    )
     assert [tuple(i.shape) for i in images] == [(3, 40, 40)] * 3 and images[0].dtype == torch.uint8
     assert "SYNTHETIC" in note and "NOT checked" in note and "gone" in note
 
@@ -280,8 +306,9 @@ def test_a_wrong_graph_fails_on_top1_agreement(fmnist_run, tmp_path, monkeypatch
     monkeypatch.setattr(export, "graph_module", wrong_head)
     out = tmp_path / "deploy"
     with pytest.raises(SystemExit) as failure:
-        export.main(export.ExportArgs(fmnist_run / "checkpoints" / "best.pt", out=out, batch_size=4,
-                                      atol=1e9))
+        export.main(
+            export.ExportArgs(fmnist_run / "checkpoints" / "best.pt", out=out, batch_size=4, atol=1e9)
+        )
     assert exit_status(failure.value) == 1 and "ONNX Runtime disagrees with PyTorch" in failure.value.code
     assert capsys.readouterr().out.count("top-1 agreement 0/4 (0.0%) | FAILED") == 2  # batch 1 and batch 4
     assert list(out.iterdir()) == []
@@ -318,8 +345,9 @@ def test_refuses_data_it_cannot_verify_on(case, exported, tmp_path, capsys):
     assert not out.exists() and "verify batch" not in capsys.readouterr().out
 
 
-def test_without_any_data_it_verifies_on_synthetic_images_and_says_so(exported, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_without_any_data_it_verifies_on_synthetic_images_and_says_so(
+    exported, tmp_path, monkeypatch, capsys
+):
     """The run's data root is not on this machine and no --data-root is given: random images, said on
     stderr and again on stdout just above the success line."""
     out, _ = exported
@@ -395,8 +423,10 @@ def test_read_sidecar_checks_the_graph_of_an_onnx_without_metadata(exported, tmp
     nine = {k: v for k, v in sidecar["idx_to_class"].items() if k != "9"}
     wrong = [
         ({"num_classes": 9, "idx_to_class": nine}, "classes: graph 10, sidecar 9"),
-        ({"preprocessing": {**sidecar["preprocessing"], "center_crop": 28}},
-         "input shape: graph [3, 32, 32], sidecar [3, 28, 28]"),
+        (
+            {"preprocessing": {**sidecar["preprocessing"], "center_crop": 28}},
+            "input shape: graph [3, 32, 32], sidecar [3, 28, 28]",
+        ),
         ({"baked_preprocessing": "uint8-nhwc"}, "input dtype: graph float32, sidecar uint8"),
     ]
     for change, complaint in wrong:
@@ -441,8 +471,9 @@ def numeric_export(request, numeric_run, tmp_path_factory) -> tuple[Path, str, s
     """From train.py's best.safetensors (class order from its metadata, architecture from config.json),
     with preprocessing baked in for raw pixels in each layout: (folder, what export printed, layout)."""
     out = tmp_path_factory.mktemp("numeric-export")
-    args = export.ExportArgs(numeric_run / "best.safetensors", out=out, bake_preprocessing=request.param,
-                             batch_size=6)
+    args = export.ExportArgs(
+        numeric_run / "best.safetensors", out=out, bake_preprocessing=request.param, batch_size=6
+    )
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         export.main(args)
     return out, printed.getvalue(), request.param
@@ -472,7 +503,9 @@ def test_baked_export_takes_raw_pixels(numeric_run, numeric_export):
 
     state = ckpt.load_checkpoint(numeric_run)
     model, _ = ckpt.model_from_checkpoint(state)
-    images = [load_image(str(p)) for p in sorted((Path(state["config"]["data"]["root"]) / "train").rglob("*.png"))]
+    images = [
+        load_image(str(p)) for p in sorted((Path(state["config"]["data"]["root"]) / "train").rglob("*.png"))
+    ]
     crop = eval_resize_crop(state["preprocessing"])
     # uint8 as a camera gives it, in the layout the graph takes
     pixels = torch.stack([crop(image).permute(1, 2, 0) if nhwc else crop(image) for image in images])
@@ -485,8 +518,20 @@ def test_baked_export_takes_raw_pixels(numeric_run, numeric_export):
 
 def test_small_resnet_exports_and_agrees_with_pytorch(fmnist_small_root, tmp_path):
     """The project's own architecture goes through the same export and verification as torchvision's."""
-    run = train_tiny_run(fmnist_small_root, tmp_path, "--model", "small_resnet", "--data.image-size", "28",
-                         "--data.resize-size", "28", "--data.batch-size", "8", "--data.max-train-batches", "2")
+    run = train_tiny_run(
+        fmnist_small_root,
+        tmp_path,
+        "--model",
+        "small_resnet",
+        "--data.image-size",
+        "28",
+        "--data.resize-size",
+        "28",
+        "--data.batch-size",
+        "8",
+        "--data.max-train-batches",
+        "2",
+    )
     out = tmp_path / "export"
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         export.main(export.ExportArgs(run / "checkpoints" / "best.pt", out=out, batch_size=8))

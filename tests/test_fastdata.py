@@ -36,8 +36,9 @@ def noise_images(folder, sizes, modes=("RGB",)) -> list[tuple[str, int]]:
     return samples
 
 
-AUGMENT = dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0, mean=MEAN,
-               std=STD)
+AUGMENT = dict(
+    crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True, color_jitter=0.0, mean=MEAN, std=STD
+)
 
 
 def augment(size=16, **options) -> BatchAugment:
@@ -48,8 +49,9 @@ def regular_augment(size=16, **options):
     """The regular path's train_transform with augment()'s settings, called like a BatchAugment: each
     image gets its own seed drawn from `generator`, and is transformed under it as ImageDataset does."""
     s = {**AUGMENT, **options}
-    transform = train_transform(size, s["crop_scale"], s["crop_ratio"], s["hflip"], s["color_jitter"],
-                                s["mean"], s["std"], "bilinear")
+    transform = train_transform(
+        size, s["crop_scale"], s["crop_ratio"], s["hflip"], s["color_jitter"], s["mean"], s["std"], "bilinear"
+    )
 
     def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         out = []
@@ -108,7 +110,9 @@ def test_cache_hit_stale_and_corrupt_rebuild(tmp_path, monkeypatch):
     os.utime(samples[0][0], ns=(1, 1))  # an mtime surely unlike the first one's
     with pytest.warns(UserWarning, match=f"{path.name}.*stale"):
         rebuilt, _ = load_or_build_cache(samples, 8, "bilinear", cache_dir, num_workers=0)
-    assert calls == [1] and torch.equal(rebuilt[0], torch.tensor([255, 0, 0]).view(3, 1, 1).expand(3, 8, 8).byte())
+    assert calls == [1] and torch.equal(
+        rebuilt[0], torch.tensor([255, 0, 0]).view(3, 1, 1).expand(3, 8, 8).byte()
+    )
     assert torch.equal(rebuilt[1:], built[1:])
 
     path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
@@ -176,8 +180,9 @@ def test_crops_respect_the_scale_range(path):
     image = torch.zeros(3, side, side)
     image[0], image[1] = ramp.expand(side, side), ramp.view(side, 1).expand(side, side)
     images = image.byte().expand(400, -1, -1, -1).contiguous()
-    transform = make(out, crop_scale=(0.25, 0.5), crop_ratio=(1.0, 1.0), hflip=False, mean=(0, 0, 0),
-                     std=(1, 1, 1))
+    transform = make(
+        out, crop_scale=(0.25, 0.5), crop_ratio=(1.0, 1.0), hflip=False, mean=(0, 0, 0), std=(1, 1, 1)
+    )
     x = transform(images, seeded(3)) * 255 / 4  # back to source pixel units
     # Output pixel j samples the box at x1 + (j + 0.5) * width / out: the first-to-last span is
     # width * (out - 1) / out. (The regular path's boxes have whole-pixel sides, so its spans round.)
@@ -225,8 +230,15 @@ def make_loader(num_samples=40, batch_size=8, rank=0, world_size=1, shuffle=True
     labels = torch.arange(num_samples)  # labels name the samples, so batches show which were drawn
     sampler = EpochSampler(num_samples, shuffle=shuffle, seed=3, rank=rank, world_size=world_size)
     transform = augment(10, color_jitter=0.3) if shuffle else BatchEval(10, mean=MEAN, std=STD)
-    loader = TensorLoader(images, labels, sampler, batch_size=batch_size, drop_last=drop_last, transform=transform,
-                          device=torch.device("cpu"))
+    loader = TensorLoader(
+        images,
+        labels,
+        sampler,
+        batch_size=batch_size,
+        drop_last=drop_last,
+        transform=transform,
+        device=torch.device("cpu"),
+    )
     return loader, sampler
 
 
@@ -278,9 +290,17 @@ def test_fast_path_epochs_run_without_worker_processes(tmp_path):
     preprocessing = preprocessing_spec(16, 19, MEAN, STD, "bilinear")
     train_sampler, val_sampler = EpochSampler(8, shuffle=True, seed=0), EpochSampler(4, shuffle=False)
     before = child_pids()  # whatever an earlier test left running is not this loader's
-    loaders = fastdata.make_tensor_loaders(splits, train_sampler, val_sampler, data, preprocessing,
-                                           device=torch.device("cpu"), channels_last=False, workers=2,
-                                           progress=False)
+    loaders = fastdata.make_tensor_loaders(
+        splits,
+        train_sampler,
+        val_sampler,
+        data,
+        preprocessing,
+        device=torch.device("cpu"),
+        channels_last=False,
+        workers=2,
+        progress=False,
+    )
     train_sampler.set_epoch(0)
     for loader in loaders:
         assert type(loader) is TensorLoader
@@ -296,8 +316,15 @@ def test_cuda_batches_match_cpu_batches():
     cpu, sampler = make_loader()
     sampler.set_epoch(1)
     on_cpu = list(cpu)
-    gpu = TensorLoader(cpu.images, cpu.labels, sampler, batch_size=8, drop_last=True, transform=augment(10, color_jitter=0.3),
-                       device=torch.device("cuda"))
+    gpu = TensorLoader(
+        cpu.images,
+        cpu.labels,
+        sampler,
+        batch_size=8,
+        drop_last=True,
+        transform=augment(10, color_jitter=0.3),
+        device=torch.device("cuda"),
+    )
     for (images, labels), (cpu_images, cpu_labels) in zip(gpu, on_cpu, strict=True):
         assert images.device.type == "cuda" and labels.device.type == "cpu"
         assert torch.equal(labels, cpu_labels)  # the random draws come from CPU generators on both

@@ -41,8 +41,13 @@ def test_quick_cpu_run_reports_every_row(gpu_check, tmp_path):
     assert "max abs weight difference 0 " in rows["exact resume"]["figures"]
     for name in ("throughput resnet18", "throughput resnet50"):
         assert rows[name]["result"] == "PASS" and "img/s" in rows[name]["figures"]
-    gpu_only = ("gpu tests (pytest -m gpu)", "torchrun NCCL 1 process", "torchrun NCCL 2 GPUs", "train bf16",
-                "train fp16")
+    gpu_only = (
+        "gpu tests (pytest -m gpu)",
+        "torchrun NCCL 1 process",
+        "torchrun NCCL 2 GPUs",
+        "train bf16",
+        "train fp16",
+    )
     for name in gpu_only:
         assert rows[name]["result"] == "SKIP" and "--device cpu" in rows[name]["figures"]
     assert all(row["result"] in ("PASS", "SKIP") for row in report["rows"])

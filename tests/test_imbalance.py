@@ -79,7 +79,9 @@ def test_logit_adjustment_off_and_without_rebalancing():
     assert torch.allclose(logit_bias("frequency", COUNTS, None, None), torch.zeros(4), atol=1e-6)
     # 'balanced' from natural sampling is Menon et al.'s post-hoc adjustment: -log prior, centred.
     log_prior = (COUNTS.double() / COUNTS.sum()).log()
-    assert torch.allclose(logit_bias("balanced", COUNTS, None, None).double(), -(log_prior - log_prior.mean()), atol=1e-6)
+    assert torch.allclose(
+        logit_bias("balanced", COUNTS, None, None).double(), -(log_prior - log_prior.mean()), atol=1e-6
+    )
     # A class without training images keeps bias 0 instead of -inf.
     assert torch.isfinite(logit_bias("balanced", torch.tensor([10, 0, 5]), None, None)).all()
 
@@ -123,11 +125,36 @@ def test_sampler_and_logit_adjustment_end_to_end(fmnist_root, tmp_path, repo_roo
     probabilities on the (naturally imbalanced) val split track the real class frequencies better than the
     same weights unadjusted do."""
     root = imbalanced_copy(fmnist_root, tmp_path / "imb")
-    args = ["train.py", "--data.root", root, "--out-dir", tmp_path, "--name", "la", "--epochs", "3",
-            "--data.batch-size", "32", "--data.image-size", "32", "--data.resize-size", "32",
-            "--data.fast-path", "--data.weighted-sampler", "--data.sampler-alpha", "1.0",
-            "--logit-adjustment", "frequency",
-            "--data.val-fraction", "0.25", "--optim.lr", "2e-3", "--no-progress", "--log-every-steps", "1000"]
+    args = [
+        "train.py",
+        "--data.root",
+        root,
+        "--out-dir",
+        tmp_path,
+        "--name",
+        "la",
+        "--epochs",
+        "3",
+        "--data.batch-size",
+        "32",
+        "--data.image-size",
+        "32",
+        "--data.resize-size",
+        "32",
+        "--data.fast-path",
+        "--data.weighted-sampler",
+        "--data.sampler-alpha",
+        "1.0",
+        "--logit-adjustment",
+        "frequency",
+        "--data.val-fraction",
+        "0.25",
+        "--optim.lr",
+        "2e-3",
+        "--no-progress",
+        "--log-every-steps",
+        "1000",
+    ]
     proc = run_script(args, cwd=repo_root)
     assert proc.returncode == 0
     run = tmp_path / "la"

@@ -51,8 +51,12 @@ def hand_loss(logits, targets, weight, eps):
 def test_soft_loss_matches_the_hand_computation(weighted, eps, kind):
     targets = MIXED if kind == "mixed" else [[float(c == y) for c in range(3)] for y in LABELS]
     weight = WEIGHT if weighted else None
-    got = soft_target_cross_entropy(torch.tensor(LOGITS), torch.tensor(targets),
-                                    weight=torch.tensor(weight) if weighted else None, label_smoothing=eps)
+    got = soft_target_cross_entropy(
+        torch.tensor(LOGITS),
+        torch.tensor(targets),
+        weight=torch.tensor(weight) if weighted else None,
+        label_smoothing=eps,
+    )
     assert got.item() == pytest.approx(hand_loss(LOGITS, targets, weight, eps), rel=1e-6)
 
 
@@ -64,8 +68,12 @@ def test_mixed_weighted_loss_mixes_the_hard_losses():
     lam, eps = 0.7, 0.2
     target = torch.tensor([[lam, 1 - lam, 0.0]])
     got = soft_target_cross_entropy(z, target, weight=w, label_smoothing=eps)
-    hard = nn.CrossEntropyLoss(weight=w, label_smoothing=eps, reduction="sum")  # sum: the unnormalized numerator
-    expected = (lam * hard(z, torch.tensor([0])) + (1 - lam) * hard(z, torch.tensor([1]))) / (lam * w[0] + (1 - lam) * w[1])
+    hard = nn.CrossEntropyLoss(
+        weight=w, label_smoothing=eps, reduction="sum"
+    )  # sum: the unnormalized numerator
+    expected = (lam * hard(z, torch.tensor([0])) + (1 - lam) * hard(z, torch.tensor([1]))) / (
+        lam * w[0] + (1 - lam) * w[1]
+    )
     assert torch.allclose(got, expected, rtol=1e-6)
     smoothed = (1 - eps) * target + eps / 3
     per_sample = -(smoothed * z.log_softmax(-1)).sum()  # s_i cancels with one sample
@@ -79,7 +87,9 @@ def test_equals_cross_entropy_loss_on_hard_labels(weighted, eps):
     logits, labels = torch.randn(16, 5, dtype=torch.float64), torch.randint(5, (16,))
     weight = torch.rand(5, dtype=torch.float64) + 0.5 if weighted else None
     reference = nn.CrossEntropyLoss(weight=weight, label_smoothing=eps)(logits, labels)
-    soft = soft_target_cross_entropy(logits, F.one_hot(labels, 5).double(), weight=weight, label_smoothing=eps)
+    soft = soft_target_cross_entropy(
+        logits, F.one_hot(labels, 5).double(), weight=weight, label_smoothing=eps
+    )
     assert torch.allclose(soft.double(), reference, rtol=1e-6)
     criterion = build_criterion(weight=weight, label_smoothing=eps)
     assert torch.equal(criterion(logits, labels), reference)  # int labels: the very same nn.CrossEntropyLoss
@@ -89,11 +99,17 @@ def test_equals_cross_entropy_loss_on_hard_labels(weighted, eps):
 def test_gradient_is_the_closed_form():
     """d loss / d z_ik = (softmax_ik * sum_c w_c t_ic - w_k t_ik) / sum_i s_i; and gradcheck agrees."""
     logits = torch.tensor(LOGITS, dtype=torch.float64, requires_grad=True)
-    targets, weight, eps = torch.tensor(MIXED, dtype=torch.float64), torch.tensor(WEIGHT, dtype=torch.float64), 0.2
+    targets, weight, eps = (
+        torch.tensor(MIXED, dtype=torch.float64),
+        torch.tensor(WEIGHT, dtype=torch.float64),
+        0.2,
+    )
     soft_target_cross_entropy(logits, targets, weight=weight, label_smoothing=eps).backward()
     smoothed = (1 - eps) * targets + eps / 3
     probs = logits.detach().softmax(-1)
-    expected = (probs * (smoothed * weight).sum(1, keepdim=True) - smoothed * weight) / (targets * weight).sum()
+    expected = (probs * (smoothed * weight).sum(1, keepdim=True) - smoothed * weight) / (
+        targets * weight
+    ).sum()
     assert torch.allclose(logits.grad, expected, atol=1e-12)
     fn = lambda z: soft_target_cross_entropy(z, targets, weight=weight, label_smoothing=eps)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits.detach().requires_grad_(),))
@@ -104,7 +120,9 @@ def test_gradient_is_the_closed_form():
 
 def batch(n=6, num_classes=6, height=10, width=14):
     torch.manual_seed(1)
-    return torch.randn(n, 3, height, width), torch.randperm(num_classes)[:n]  # distinct labels: lam is readable
+    return torch.randn(n, 3, height, width), torch.randperm(num_classes)[
+        :n
+    ]  # distinct labels: lam is readable
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -132,7 +150,9 @@ def test_cutmix_box_area_is_the_targets_mixing_weight(seed):
     assert (pasted | (mixed == images)).all()
     pasted_fraction = pasted[:, 0].float().mean(dim=(1, 2))
     assert torch.allclose(pasted_fraction, pasted_fraction[0].expand(n))  # one box for the batch
-    assert torch.allclose(targets[torch.arange(n), labels.roll(1)], pasted_fraction)  # clipped box area = 1 - lam
+    assert torch.allclose(
+        targets[torch.arange(n), labels.roll(1)], pasted_fraction
+    )  # clipped box area = 1 - lam
     assert torch.allclose(targets[torch.arange(n), labels], 1 - pasted_fraction)
 
 
@@ -188,7 +208,10 @@ def test_channels_last_stays_channels_last():
     assert mixed.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("flags, message", [({"mixup_alpha": -1.0}, "--optim.mixup-alpha"), ({"mix_prob": 1.5}, "--optim.mix-prob")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [({"mixup_alpha": -1.0}, "--optim.mixup-alpha"), ({"mix_prob": 1.5}, "--optim.mix-prob")],
+)
 def test_bad_settings_are_named(flags, message):
     with pytest.raises(ValueError, match=message):
         BatchMixer(3, **flags)
@@ -227,7 +250,8 @@ def test_training_with_mixup_and_cutmix_trains_on_the_mixed_batches(fmnist_small
         model = real_build_model(*args, **kwargs)
         # Training forwards only: the input-size probe and validation run in eval mode.
         model.register_forward_pre_hook(
-            lambda module, inputs: model_inputs.append(inputs[0]) if module.training else None)
+            lambda module, inputs: model_inputs.append(inputs[0]) if module.training else None
+        )
         return model
 
     def build_criterion(weight, label_smoothing):
@@ -244,15 +268,37 @@ def test_training_with_mixup_and_cutmix_trains_on_the_mixed_batches(fmnist_small
     monkeypatch.setattr(train, "build_model", build_model)
     monkeypatch.setattr(train, "build_criterion", build_criterion)
     root = uneven_copy(fmnist_small_root, tmp_path / "data")
-    result = train.main(parse_cli(["--data.root", str(root), "--out-dir", str(tmp_path), "--name", "mix",
-                                   "--epochs", "2", "--data.batch-size", "16", "--data.max-train-batches",
-                                   "3", "--data.num-workers", "0",
-                                   "--optim.mixup-alpha", "0.2", "--optim.cutmix-alpha", "1.0",
-                                   "--data.class-weighted-loss", *FAST]))
+    result = train.main(
+        parse_cli(
+            [
+                "--data.root",
+                str(root),
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "mix",
+                "--epochs",
+                "2",
+                "--data.batch-size",
+                "16",
+                "--data.max-train-batches",
+                "3",
+                "--data.num-workers",
+                "0",
+                "--optim.mixup-alpha",
+                "0.2",
+                "--optim.cutmix-alpha",
+                "1.0",
+                "--data.class-weighted-loss",
+                *FAST,
+            ]
+        )
+    )
     assert len(mixes) == len(model_inputs) == len(losses) == result["step"] > 0
     kinds = []
-    for (images, _, mixed, targets), seen, (_, loss_targets, _) in zip(mixes, model_inputs, losses,
-                                                                       strict=True):
+    for (images, _, mixed, targets), seen, (_, loss_targets, _) in zip(
+        mixes, model_inputs, losses, strict=True
+    ):
         assert torch.equal(seen, mixed) and loss_targets is targets
         # Soft targets, not the int labels a disabled mixer passes through.
         assert targets.dtype == torch.float32 and targets.shape == (16, 10)
@@ -291,9 +337,26 @@ def test_mixing_off_trains_exactly_as_plain_cross_entropy(fmnist_small_root, tmp
     from the global RNG (dropout in mobilenet_v3_small would show them). The reference run swaps in the
     pre-mixing code: a bare nn.CrossEntropyLoss and no mixer. And with mixing on, the weights differ."""
     root = uneven_copy(fmnist_small_root, tmp_path / "data")
-    common = ["--model", "mobilenet_v3_small", "--data.root", str(root), "--out-dir", str(tmp_path),
-              "--epochs", "1", "--data.max-train-batches", "6", "--data.batch-size", "8",
-              "--data.num-workers", "0", "--data.class-weighted-loss", "--ema-half-life-epochs", "0.1", *FAST]
+    common = [
+        "--model",
+        "mobilenet_v3_small",
+        "--data.root",
+        str(root),
+        "--out-dir",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--data.max-train-batches",
+        "6",
+        "--data.batch-size",
+        "8",
+        "--data.num-workers",
+        "0",
+        "--data.class-weighted-loss",
+        "--ema-half-life-epochs",
+        "0.1",
+        *FAST,
+    ]
     train.main(parse_cli([*common, "--name", "new"]))
     weight = json.loads((tmp_path / "new" / "config.json").read_text())["derived"]["loss_class_weights"]
     assert weight[0] > 1.5 * weight[1]  # the weights are really in play
@@ -311,7 +374,11 @@ def test_mixing_off_trains_exactly_as_plain_cross_entropy(fmnist_small_root, tmp
             return images, labels
 
     monkeypatch.setattr(train, "BatchMixer", NoMixer)
-    monkeypatch.setattr(train, "build_criterion", lambda weight, label_smoothing: nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing))
+    monkeypatch.setattr(
+        train,
+        "build_criterion",
+        lambda weight, label_smoothing: nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing),
+    )
     train.main(parse_cli([*common, "--name", "old"]))
     a, b = load_checkpoint(tmp_path / "new"), load_checkpoint(tmp_path / "old")
     for key in ("model", "ema"):

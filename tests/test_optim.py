@@ -48,5 +48,15 @@ def test_step_and_multistep_schedules():
     assert milestones_in_steps("step", 2.0, (), steps_per_epoch=10, total_steps=60) == (20, 40, 60)
     assert milestones_in_steps("multistep", 0.0, (1.5, 4.0), steps_per_epoch=10, total_steps=60) == (15, 40)
     assert milestones_in_steps("cosine", 2.0, (1.0,), steps_per_epoch=10, total_steps=60) == ()
-    kw = dict(peak_lr=1.0, warmup_steps=5, total_steps=60, min_lr_ratio=0.0, schedule="multistep", milestones=(15, 40), gamma=0.5)
-    assert [lr_at(s, **kw) for s in (0, 4, 5, 14, 15, 39, 40, 59)] == pytest.approx([0.2, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+    kw = dict(
+        peak_lr=1.0,
+        warmup_steps=5,
+        total_steps=60,
+        min_lr_ratio=0.0,
+        schedule="multistep",
+        milestones=(15, 40),
+        gamma=0.5,
+    )
+    assert [lr_at(s, **kw) for s in (0, 4, 5, 14, 15, 39, 40, 59)] == pytest.approx(
+        [0.2, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    )

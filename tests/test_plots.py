@@ -20,8 +20,10 @@ def confusion(n: int) -> np.ndarray:
 
 def cell_texts(ax) -> dict[tuple[int, int], tuple[str, str]]:
     """The numbers written in a heatmap's cells: {(column, row): (text, colour)}."""
-    return {(round(t.get_position()[0]), round(t.get_position()[1])): (t.get_text(), t.get_color())
-            for t in ax.texts}
+    return {
+        (round(t.get_position()[0]), round(t.get_position()[1])): (t.get_text(), t.get_color())
+        for t in ax.texts
+    }
 
 
 def png_size(path) -> tuple[int, int]:
@@ -69,8 +71,18 @@ def test_confusion_matrix_png(n, tmp_path):
 
 def test_curves_figure_draws_each_epoch_once(tmp_path):
     def record(epoch, val_top1):
-        return {"epoch": epoch, "step": 10 * epoch, "lr": 1e-3 / (epoch + 1), "train": {"loss": 2.0 - epoch / 5, "top1": 0.1 * epoch},
-                "val": {"loss": 2.1 - epoch / 5, "top1": val_top1, "macro_f1": val_top1 - 0.05, "confusion": [[1]]}}
+        return {
+            "epoch": epoch,
+            "step": 10 * epoch,
+            "lr": 1e-3 / (epoch + 1),
+            "train": {"loss": 2.0 - epoch / 5, "top1": 0.1 * epoch},
+            "val": {
+                "loss": 2.1 - epoch / 5,
+                "top1": val_top1,
+                "macro_f1": val_top1 - 0.05,
+                "confusion": [[1]],
+            },
+        }
 
     # Epoch 1 logged twice (crash after the log line, then resume): the later record wins.
     records = [record(0, 0.2), record(1, 0.3), record(1, 0.35), record(2, 0.5)]
@@ -88,7 +100,9 @@ def test_curves_figure_draws_each_epoch_once(tmp_path):
 
 def test_errors_grid(tmp_path):
     images = [torch.full((3, 32, 32), 40 * i, dtype=torch.uint8) for i in range(7)]
-    fig = plots.errors_grid_figure(images, [f"true{i}" for i in range(7)], ["a_class_name_far_too_long_to_fit"] * 7, [0.9] * 7)
+    fig = plots.errors_grid_figure(
+        images, [f"true{i}" for i in range(7)], ["a_class_name_far_too_long_to_fit"] * 7, [0.9] * 7
+    )
     titled = [ax for ax in fig.axes if ax.get_title()]
     assert len(titled) == 7
     assert titled[3].get_title().startswith("true: true3\npred: a_class_name_far_too_…")

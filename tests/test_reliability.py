@@ -22,8 +22,21 @@ from classifier import checkpoint as ckpt
 from classifier.config import parse_cli
 
 # mobilenet_v3_small at 32 px: small checkpoints, fast steps, and dropout (so RNG restore matters).
-SMALL = ["--model", "mobilenet_v3_small", "--data.image-size", "32", "--data.resize-size", "32", "--data.batch-size", "8",
-         "--data.num-workers", "0", "--no-progress", "--ema-half-life-epochs", "0.5"]
+SMALL = [
+    "--model",
+    "mobilenet_v3_small",
+    "--data.image-size",
+    "32",
+    "--data.resize-size",
+    "32",
+    "--data.batch-size",
+    "8",
+    "--data.num-workers",
+    "0",
+    "--no-progress",
+    "--ema-half-life-epochs",
+    "0.5",
+]
 
 
 def small_args(root, out, name, *extra):
@@ -33,7 +46,8 @@ def small_args(root, out, name, *extra):
 def same_weights(a: Path, b: Path) -> bool:
     x, y = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
     return all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"]) and all(
-        torch.equal(x["ema"][k], y["ema"][k]) for k in x["ema"])
+        torch.equal(x["ema"][k], y["ema"][k]) for k in x["ema"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +61,15 @@ def straight(fmnist_small_root, tmp_path_factory):
 def start(args, command=("train.py",), env=None, **kw):
     """train.py (or another script) with `args`, in a process whose output (stdout and stderr) is piped."""
     env = {**(env or os.environ), "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, *map(str, command), *map(str, args)], cwd=REPO_ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+    return subprocess.Popen(
+        [sys.executable, *map(str, command), *map(str, args)],
+        cwd=REPO_ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 def wait_for_line(proc, text, timeout=300):
@@ -98,8 +119,17 @@ def test_a_second_signal_stops_at_once():
 def test_a_second_signal_stops_a_running_trainer_at_once(fmnist_small_root, tmp_path):
     """Two Ctrl-Cs in a row to a training process with data workers: it leaves at once (no checkpoint
     of the interrupted step), and its workers with it."""
-    args = small_args(fmnist_small_root, tmp_path, "twice", "--epochs", "3", "--log-every-steps", "1",
-                      "--data.num-workers", "2")
+    args = small_args(
+        fmnist_small_root,
+        tmp_path,
+        "twice",
+        "--epochs",
+        "3",
+        "--log-every-steps",
+        "1",
+        "--data.num-workers",
+        "2",
+    )
     env = {**os.environ, "FAULT": "slow-steps"}  # 3 s a step: the second signal lands before the step ends
     proc = start(args, command=["tests/faulty_train.py"], env=env, start_new_session=True)
     wait_for_line(proc, "step 1/")
@@ -117,7 +147,17 @@ def test_a_second_signal_stops_a_running_trainer_at_once(fmnist_small_root, tmp_
 
 @pytest.mark.parametrize("where", ["mid-step", "mid-save"])
 def test_kill_9_loses_nothing_before_the_last_checkpoint(where, straight, fmnist_small_root, tmp_path):
-    args = small_args(fmnist_small_root, tmp_path, "k9", "--epochs", "3", "--checkpoint-every-steps", "1", "--log-every-steps", "1")
+    args = small_args(
+        fmnist_small_root,
+        tmp_path,
+        "k9",
+        "--epochs",
+        "3",
+        "--checkpoint-every-steps",
+        "1",
+        "--log-every-steps",
+        "1",
+    )
     checkpoints = tmp_path / "k9" / "checkpoints"
     if where == "mid-step":
         proc = start(args)
@@ -137,13 +177,21 @@ def test_kill_9_loses_nothing_before_the_last_checkpoint(where, straight, fmnist
 
 
 def test_resume_refuses_changed_flags_unless_accepted(straight, tmp_path):
-    proc = run_script(["train.py", "--resume", straight, "--optim.lr", "0.5", "--data.no-hflip"], cwd=REPO_ROOT)
+    proc = run_script(
+        ["train.py", "--resume", straight, "--optim.lr", "0.5", "--data.no-hflip"], cwd=REPO_ROOT
+    )
     assert proc.returncode != 0
-    assert "optim.lr: None -> 0.5" in proc.stderr and "data.hflip" in proc.stderr and "--accept-config-changes" in proc.stderr
+    assert (
+        "optim.lr: None -> 0.5" in proc.stderr
+        and "data.hflip" in proc.stderr
+        and "--accept-config-changes" in proc.stderr
+    )
     import shutil
 
     shutil.copytree(straight, tmp_path / "more")
-    proc = run_script(["train.py", "--resume", tmp_path / "more", "--epochs", "4", "--accept-config-changes"], cwd=REPO_ROOT)
+    proc = run_script(
+        ["train.py", "--resume", tmp_path / "more", "--epochs", "4", "--accept-config-changes"], cwd=REPO_ROOT
+    )
     assert proc.returncode == 0
     assert ckpt.load_checkpoint(tmp_path / "more")["epoch"] == 4
 
@@ -158,7 +206,10 @@ def test_resume_refuses_data_with_other_classes(straight, tmp_path):
     shutil.move(data / "train" / "Bag", data / "train" / "Purse")  # Bag gone, a new class Purse
     shutil.rmtree(data / "test" / "Bag")
     shutil.copytree(straight, tmp_path / "run")
-    proc = run_script(["train.py", "--resume", tmp_path / "run", "--data.root", data, "--accept-config-changes"], cwd=REPO_ROOT)
+    proc = run_script(
+        ["train.py", "--resume", tmp_path / "run", "--data.root", data, "--accept-config-changes"],
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode != 0 and "missing from the data: ['Bag']" in proc.stderr
     assert "not in the checkpoint: ['Purse']" in proc.stderr and "step " not in proc.stdout
 
@@ -184,13 +235,36 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous(straight, tmp_path, 
 
 
 def test_resume_auto_recovers_a_crashed_worker_under_torchrun(straight, fmnist_small_root, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "CRASH_MARKER": str(tmp_path / "crashed"), "DIE_AT_STEP": "20",
-           # torchrun would set 1 thread; the reference ran with this process's count, and CPU kernels
-           # split their sums by thread, so bit-identity needs the same count.
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    args = small_args(fmnist_small_root, tmp_path, "auto", "--epochs", "3", "--checkpoint-every-steps", "3", "--resume", "auto")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
-           "tests/crash_once_worker.py", *args]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "CRASH_MARKER": str(tmp_path / "crashed"),
+        "DIE_AT_STEP": "20",
+        # torchrun would set 1 thread; the reference ran with this process's count, and CPU kernels
+        # split their sums by thread, so bit-identity needs the same count.
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    args = small_args(
+        fmnist_small_root,
+        tmp_path,
+        "auto",
+        "--epochs",
+        "3",
+        "--checkpoint-every-steps",
+        "3",
+        "--resume",
+        "auto",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "--max-restarts=1",
+        "tests/crash_once_worker.py",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0
@@ -203,9 +277,27 @@ def test_a_diverging_run_stops_before_saving_anything_nonfinite(fmnist_small_roo
     """LR 1e6: which comes first depends on the CPU's kernels: a NaN loss (the batch is named and its 8
     files listed), or weights gone NaN/inf after a step whose loss was still finite (the tensors named).
     Either way the run stops before its first save."""
-    proc = run_script(["train.py", *small_args(fmnist_small_root, tmp_path, "nan", "--epochs", "2", "--optim.lr", "1e6",
-                                              "--optim.clip-grad-norm", "None", "--optim.warmup-epochs", "0",
-                                              "--log-every-steps", "1")], cwd=REPO_ROOT)
+    proc = run_script(
+        [
+            "train.py",
+            *small_args(
+                fmnist_small_root,
+                tmp_path,
+                "nan",
+                "--epochs",
+                "2",
+                "--optim.lr",
+                "1e6",
+                "--optim.clip-grad-norm",
+                "None",
+                "--optim.warmup-epochs",
+                "0",
+                "--log-every-steps",
+                "1",
+            ),
+        ],
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode != 0
     if "the loss became NaN/inf in epoch 0, batch" in proc.stderr:
         listed = (tmp_path / "nan" / "nonfinite_batch.txt").read_text().split()
@@ -246,10 +338,25 @@ def finite_checkpoints(run_dir: Path) -> list[str]:
 
 def test_nan_loss_can_be_skipped(fmnist_small_root, tmp_path, monkeypatch):
     served = poison_first_training_image(monkeypatch)
-    result = train.main(parse_cli(small_args(fmnist_small_root, tmp_path, "skip", "--epochs", "2", "--nonfinite-loss", "skip",
-                                             "--log-every-steps", "1")))
+    result = train.main(
+        parse_cli(
+            small_args(
+                fmnist_small_root,
+                tmp_path,
+                "skip",
+                "--epochs",
+                "2",
+                "--nonfinite-loss",
+                "skip",
+                "--log-every-steps",
+                "1",
+            )
+        )
+    )
     records = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert len(served) >= 1 and records[-1]["skipped_nonfinite_batches"] == len(served)  # each NaN draw skipped
+    assert len(served) >= 1 and records[-1]["skipped_nonfinite_batches"] == len(
+        served
+    )  # each NaN draw skipped
     saved = ckpt.load_checkpoint(tmp_path / "skip")
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
     assert result["step"] == 26
@@ -272,7 +379,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(fmnist_small_root,
     monkeypatch.setattr(ckpt.torch, "save", save_until_disk_full)
     named = r"could not write \S+/last\.pt \(No space left on device\); the previous file is intact"
     with pytest.raises(OSError, match=named):
-        train.main(parse_cli(small_args(fmnist_small_root, tmp_path, "full", "--epochs", "2", "--checkpoint-every-steps", "5")))
+        train.main(
+            parse_cli(
+                small_args(
+                    fmnist_small_root, tmp_path, "full", "--epochs", "2", "--checkpoint-every-steps", "5"
+                )
+            )
+        )
     assert ckpt.load_checkpoint(tmp_path / "full")["step"] == 10
     assert not list((tmp_path / "full" / "checkpoints").glob(".*.tmp"))
 
@@ -281,12 +394,18 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(fmnist_small_root,
     "extra, message",
     [
         (["--out-dir", "/etc/hostname/runs"], "cannot write to the run directory"),
-        (["--model", "convnext_tiny", "--data.image-size", "8", "--data.resize-size", "8"], "--data.image-size 8 is too small for convnext_tiny"),
+        (
+            ["--model", "convnext_tiny", "--data.image-size", "8", "--data.resize-size", "8"],
+            "--data.image-size 8 is too small for convnext_tiny",
+        ),
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
     ],
 )
 def test_bad_flags_are_named(extra, message, fmnist_small_root, tmp_path):
-    proc = run_script(["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--no-progress", *extra], cwd=REPO_ROOT)
+    proc = run_script(
+        ["train.py", "--data.root", fmnist_small_root, "--out-dir", tmp_path, "--no-progress", *extra],
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
     assert "step " not in proc.stdout and not list(tmp_path.glob("*/checkpoints/*.pt"))  # before training
 
@@ -302,8 +421,12 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     with open(tmp_path / "evil" / "checkpoints" / "last.pt", "wb") as f:
         pickle.dump({"format": ckpt.FORMAT, "config": RunsCode()}, f)
     torch.save({"format": ckpt.FORMAT, "config": RunsCode()}, tmp_path / "evil2.pt")
-    for command in (["train.py", "--resume", tmp_path / "evil"], ["train.py", "--resume", tmp_path / "evil2.pt"],
-                    ["export.py", tmp_path / "evil2.pt"], ["evaluate.py", tmp_path / "evil2.pt"]):
+    for command in (
+        ["train.py", "--resume", tmp_path / "evil"],
+        ["train.py", "--resume", tmp_path / "evil2.pt"],
+        ["export.py", tmp_path / "evil2.pt"],
+        ["evaluate.py", tmp_path / "evil2.pt"],
+    ):
         proc = run_script(command, cwd=REPO_ROOT)
         assert proc.returncode != 0 and "cannot load checkpoint" in proc.stderr
     assert not (tmp_path / "PWNED").exists()
@@ -313,8 +436,19 @@ def test_fp16_nan_forward_stops_and_saves_nothing_nonfinite(fmnist_small_root, t
     """fp16: the GradScaler skips the optimizer step of a NaN batch, but the forward has already put NaN
     into BatchNorm's running statistics, so the run must stop as under fp32."""
     served = poison_first_training_image(monkeypatch)
-    args = small_args(fmnist_small_root, tmp_path, "f16", "--epochs", "2", "--precision", "fp16",
-                      "--checkpoint-every-steps", "1", "--log-every-steps", "4")
+    args = small_args(
+        fmnist_small_root,
+        tmp_path,
+        "f16",
+        "--epochs",
+        "2",
+        "--precision",
+        "fp16",
+        "--checkpoint-every-steps",
+        "1",
+        "--log-every-steps",
+        "4",
+    )
     with pytest.raises(SystemExit, match=r"the loss became NaN/inf in epoch \d, batch"):
         train.main(parse_cli(args))
     listed = (tmp_path / "f16" / "nonfinite_batch.txt").read_text().split()
@@ -331,6 +465,7 @@ def test_fp16_scaler_skipped_steps_are_counted_not_stopped_on(fmnist_small_root,
     def build_with_one_overflow(*args, **kw):
         model = real_build(*args, **kw)
         first = next(model.parameters())
+
         def third_overflows(grad):  # the third backward gives this weight an infinite gradient
             backward_calls.append(1)
             return grad * float("inf") if len(backward_calls) == 3 else grad
@@ -339,7 +474,9 @@ def test_fp16_scaler_skipped_steps_are_counted_not_stopped_on(fmnist_small_root,
         return model
 
     monkeypatch.setattr(train, "build_model", build_with_one_overflow)
-    args = small_args(fmnist_small_root, tmp_path, "f16", "--epochs", "1", "--precision", "fp16", "--log-every-steps", "5")
+    args = small_args(
+        fmnist_small_root, tmp_path, "f16", "--epochs", "1", "--precision", "fp16", "--log-every-steps", "5"
+    )
     result = train.main(parse_cli(args))
     record = json.loads((tmp_path / "f16" / "metrics.jsonl").read_text())
     assert result["step"] == 13 and record["scaler_skipped_steps"] == 1
@@ -357,7 +494,16 @@ def test_a_failing_run_with_data_workers_exits_at_once(failure, fmnist_small_roo
         proc = start(args, command=["tests/faulty_train.py"], env=env, start_new_session=True)
         expected = "injected failure after the last epoch"
     else:
-        args += ["--optim.optimizer", "sgd", "--optim.lr", "1e5", "--precision", "fp16", "--log-every-steps", "2"]
+        args += [
+            "--optim.optimizer",
+            "sgd",
+            "--optim.lr",
+            "1e5",
+            "--precision",
+            "fp16",
+            "--log-every-steps",
+            "2",
+        ]
         proc = start(args, start_new_session=True)
         expected = "the loss became NaN/inf"
     try:
@@ -382,7 +528,9 @@ def test_resume_on_changed_files_is_refused_unless_accepted(fmnist_small_root, t
     assert refused.returncode != 0
     assert f"the files under {data} changed since the checkpoint was written" in refused.stderr
     assert "--accept-config-changes" in refused.stderr
-    accepted = run_script(["train.py", "--resume", tmp_path / "run", "--accept-config-changes"], cwd=REPO_ROOT)
+    accepted = run_script(
+        ["train.py", "--resume", tmp_path / "run", "--accept-config-changes"], cwd=REPO_ROOT
+    )
     assert accepted.returncode == 0 and "continuing on the new files" in accepted.stdout
 
 
@@ -407,8 +555,17 @@ def test_fp16_resume_continues_the_gradscaler(fmnist_small_root, tmp_path, monke
     """CPU fp16 (GradScaler runs on the CPU too): a run cut mid-epoch resumes with the scaler's scale and
     growth tracker as saved. The saved scaler is set to values a fresh one never has (scale 1024, 7
     good steps) so that a resume that dropped it would show."""
-    args = small_args(fmnist_small_root, tmp_path, "f16", "--epochs", "2", "--precision", "fp16",
-                      "--checkpoint-every-steps", "5")
+    args = small_args(
+        fmnist_small_root,
+        tmp_path,
+        "f16",
+        "--epochs",
+        "2",
+        "--precision",
+        "fp16",
+        "--checkpoint-every-steps",
+        "5",
+    )
     real_lr_at = train.lr_at
     calls = []
 
@@ -424,7 +581,9 @@ def test_fp16_resume_continues_the_gradscaler(fmnist_small_root, tmp_path, monke
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     last = tmp_path / "f16" / "checkpoints" / "last.pt"
     state = ckpt.read_checkpoint(last)
-    assert state["step"] == 5 and state["scaler"]["scale"] == 2.0**16 and state["scaler"]["_growth_tracker"] == 5
+    assert (
+        state["step"] == 5 and state["scaler"]["scale"] == 2.0**16 and state["scaler"]["_growth_tracker"] == 5
+    )
     state["scaler"].update(scale=1024.0, _growth_tracker=7)
     torch.save(state, last)
     result = train.main(parse_cli(["--resume", str(tmp_path / "f16")]))
@@ -440,12 +599,16 @@ def test_tensorboard_keeps_nan_and_inf_scalars(tmp_path):
     from classifier.runlog import RunLog
 
     log = RunLog(tmp_path)
-    log.scalars(1, {"loss": 2.5, "nan": float("nan"), "inf": float("inf"), "not_a_number": "text"}, prefix="train/")
+    log.scalars(
+        1, {"loss": 2.5, "nan": float("nan"), "inf": float("inf"), "not_a_number": "text"}, prefix="train/"
+    )
     log.close()
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert sorted(events.Tags()["scalars"]) == ["train/inf", "train/loss", "train/nan"]
     value = lambda tag: events.Scalars(tag)[0].value  # noqa: E731
-    assert value("train/loss") == 2.5 and math.isnan(value("train/nan")) and value("train/inf") == float("inf")
+    assert (
+        value("train/loss") == 2.5 and math.isnan(value("train/nan")) and value("train/inf") == float("inf")
+    )
 
 
 def test_a_nan_batch_is_named_within_log_every_steps(fmnist_small_root, tmp_path, monkeypatch):
@@ -479,12 +642,15 @@ def test_nonfinite_weights_after_a_finite_loss_are_never_saved(fmnist_small_root
     def build_and_poison(*args, **kw):
         model = real_build(*args, **kw)
         next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).register_forward_hook(
-            poison_after_third_forward)
+            poison_after_third_forward
+        )
         return model
 
     monkeypatch.setattr(train, "build_model", build_and_poison)
     args = small_args(fmnist_small_root, tmp_path, "w", "--epochs", "1", "--checkpoint-every-steps", "2")
-    with pytest.raises(SystemExit, match=r"after step 4 the weights hold NaN/inf \(features\.0\.1\.running_var"):
+    with pytest.raises(
+        SystemExit, match=r"after step 4 the weights hold NaN/inf \(features\.0\.1\.running_var"
+    ):
         train.main(parse_cli(args))
     assert ckpt.read_checkpoint(tmp_path / "w" / "checkpoints" / "last.pt")["step"] == 2
     assert finite_checkpoints(tmp_path / "w") == ["last.pt"]

@@ -43,8 +43,9 @@ BATCH, STEPS_PER_EPOCH, EPOCHS, HALF_LIFE, LOG_EVERY = 16, 6, 2, 0.5, 3
 def git(*args: str) -> str | None:
     """git's answer in the repository, None when it is not a git checkout (an unpacked release)."""
     try:
-        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-                              check=True)
+        done = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()
@@ -86,8 +87,15 @@ def run(fmnist_small_root, tmp_path_factory) -> dict:
     status = git("status", "--porcelain")
     run_dir = base / "run"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return dict(dir=run_dir, root=root, out=printed.getvalue(), records=records, saved=saved,
-                heads={head_before, git("rev-parse", "HEAD")}, dirty=None if status is None else bool(status))
+    return dict(
+        dir=run_dir,
+        root=root,
+        out=printed.getvalue(),
+        records=records,
+        saved=saved,
+        heads={head_before, git("rev-parse", "HEAD")},
+        dirty=None if status is None else bool(status),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +238,10 @@ def test_tensorboard_scalars_are_the_logged_numbers(run, events):
         assert scalar(events, tag) == pytest.approx(expected, rel=1e-6), tag
     losses = scalar(events, "train/loss")
     assert sorted(losses) == list(range(LOG_EVERY, EPOCHS * STEPS_PER_EPOCH + 1, LOG_EVERY))
-    printed = {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ \| epoch \d+ \| loss ([\d.]+)",
-                                                              run["out"], re.MULTILINE)}
+    printed = {
+        int(m[1]): float(m[2])
+        for m in re.finditer(r"^step (\d+)/\d+ \| epoch \d+ \| loss ([\d.]+)", run["out"], re.MULTILINE)
+    }
     assert printed == pytest.approx(losses, abs=5e-5)  # the log line prints 4 decimals
 
 
