@@ -29,16 +29,9 @@ import torch
 import tyro
 
 from classifier import checkpoint as ckpt
-from classifier import plots
+from classifier import files, models, plots
 from classifier.calibration import NO_TEMPERATURE
-from classifier.data import ImageDataset, build_splits, eval_resize_crop, eval_transform, make_loader
-from classifier.evaluation import (
-    calibration_summary,
-    compute_report,
-    confident_errors,
-    reliability_bins,
-    worst_first,
-)
+from classifier.data import ImageDataset, build_splits, make_loader
 from classifier.images import load_image
 from classifier.onnx_export import (
     classes_from_mapping,
@@ -47,7 +40,15 @@ from classifier.onnx_export import (
     read_sidecar,
     run_onnx,
 )
+from classifier.report import (
+    calibration_summary,
+    compute_report,
+    confident_errors,
+    reliability_bins,
+    worst_first,
+)
 from classifier.sampling import EpochSampler
+from classifier.transforms import eval_resize_crop, eval_transform
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def load_classifier(path: Path, device: str) -> Classifier:
             temperature=sidecar.get("temperature") if sidecar.get("temperature_fitted", False) else None,
         )
     state = ckpt.load_checkpoint(path)
-    model, weights = ckpt.model_from_checkpoint(state)
+    model, weights = models.model_from_checkpoint(state)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model.to(device)
     cfg = state["config"]
@@ -151,8 +152,8 @@ def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, l
     """metrics.json and the CSVs: per class (worst first), confused pairs, confusion matrix, predictions
     (with the predicted class's probability before and after dividing the logits by the temperature)."""
     classes = [row["class"] for row in report["per_class"]]
-    ckpt.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    ckpt.write_text(
+    files.write_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    files.write_text(
         out / "per_class.csv",
         to_csv(
             ["class", "index", "support", "precision", "recall", "f1"],
@@ -169,7 +170,7 @@ def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, l
             ],
         ),
     )
-    ckpt.write_text(
+    files.write_text(
         out / "confused_pairs.csv",
         to_csv(
             ["true", "predicted", "count", "share_of_true"],
@@ -179,7 +180,7 @@ def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, l
             ],
         ),
     )
-    ckpt.write_text(
+    files.write_text(
         out / "confusion_matrix.csv",
         to_csv(
             ["true \\ predicted", *classes],
@@ -192,7 +193,7 @@ def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, l
     rows = zip(
         samples, labels.tolist(), predicted.tolist(), confidence.tolist(), calibrated.tolist(), strict=True
     )
-    ckpt.write_text(
+    files.write_text(
         out / "predictions.csv",
         to_csv(
             ["path", "true", "predicted", "confidence", "confidence_calibrated", "correct"],

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from classifier import checkpoint as ckpt
+from classifier import models
 from classifier.data import build_splits
 from classifier.images import load_image
 from classifier.models import build_model
@@ -74,7 +75,7 @@ def load_source(path: Path) -> tuple[nn.Module, dict]:
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     state = ckpt.load_checkpoint(path)
-    model, weights = ckpt.model_from_checkpoint(state)
+    model, weights = models.model_from_checkpoint(state)
     cfg = state["config"]
     facts = dict(
         classes=list(state["classes"]),

@@ -1,4 +1,4 @@
-"""What the fast path's per-image options cost: fastdata.BatchAugment on one uint8 batch, options off vs on.
+"""What the fast path's per-image options cost: batch_augment.BatchAugment on a uint8 batch, options off/on.
 
     python bench/augment_cost.py                                  # 32 px crops from 37 px squares, batch 128, CPU
     python bench/augment_cost.py --device cuda --batch-size 256
@@ -21,9 +21,9 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` without installing the repo
 
+from classifier.batch_augment import BatchAugment  # noqa: E402
 from classifier.config import DataConfig  # noqa: E402
 from classifier.distributed import pick_device  # noqa: E402
-from classifier.fastdata import BatchAugment  # noqa: E402
 
 SETTINGS = {  # name -> BatchAugment options on top of the trainer's defaults
     "off": {},

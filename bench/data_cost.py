@@ -28,15 +28,9 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` without installing the repo
 
 from classifier.config import DataConfig  # noqa: E402
-from classifier.data import (  # noqa: E402
-    ImageDataset,
-    eval_transform,
-    find_classes,
-    list_images,
-    preprocessing_spec,
-    train_transform,
-)
+from classifier.data import ImageDataset, find_classes, list_images  # noqa: E402
 from classifier.images import load_image, scan_images  # noqa: E402
+from classifier.transforms import eval_transform, preprocessing_spec, train_transform  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -73,16 +67,18 @@ def main(args: BenchArgs) -> dict[str, float]:
     order = torch.randperm(len(every), generator=torch.Generator().manual_seed(0))
     samples = [every[i] for i in order[: args.images].tolist()]
     d = DataConfig()
-    spec = preprocessing_spec(args.image_size, None, d.mean, d.std, d.interpolation)
+    spec = preprocessing_spec(
+        image_size=args.image_size, resize_size=None, mean=d.mean, std=d.std, interpolation=d.interpolation
+    )
     augment = train_transform(
-        args.image_size,
-        d.crop_scale,
-        d.crop_ratio,
-        d.hflip,
-        d.color_jitter,
-        d.mean,
-        d.std,
-        d.interpolation,
+        image_size=args.image_size,
+        crop_scale=d.crop_scale,
+        crop_ratio=d.crop_ratio,
+        hflip=d.hflip,
+        color_jitter=d.color_jitter,
+        mean=d.mean,
+        std=d.std,
+        interpolation=d.interpolation,
     )
     train_set = ImageDataset(samples, augment)
     eval_set = ImageDataset(samples, eval_transform(spec))

@@ -1042,7 +1042,7 @@ def train_worker(argv: list[str]) -> None:
 
     import train as trainer
     from classifier import fastdata
-    from classifier.config import parse_cli
+    from classifier.cli import parse_cli
 
     if args.inf_loss_at_call is not None:
         build_criterion = trainer.build_criterion

@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` without installing the repo
 
 from classifier import checkpoint as ckpt  # noqa: E402
+from classifier import models  # noqa: E402
 from classifier.models import build_model  # noqa: E402
 from classifier.onnx_export import export_onnx  # noqa: E402
 
@@ -96,7 +97,7 @@ def bench_model(name: str, model: nn.Module, size: int, args: BenchArgs) -> list
 def main(args: BenchArgs) -> None:
     if args.checkpoint is not None:
         state = ckpt.load_checkpoint(args.checkpoint)
-        model, weights = ckpt.model_from_checkpoint(state)
+        model, weights = models.model_from_checkpoint(state)
         cases = [(f"{state['model_name']} ({weights})", model, state["preprocessing"]["center_crop"])]
     else:
         cases = [

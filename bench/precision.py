@@ -27,13 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` 
 from throughput import describe_machine, images_per_s  # noqa: E402  (bench/ is the script's folder)
 
 from classifier import hardware  # noqa: E402
-from classifier.data import find_classes, list_images, preprocessing_spec  # noqa: E402
+from classifier.batch_augment import BatchAugment  # noqa: E402
+from classifier.data import find_classes, list_images  # noqa: E402
 from classifier.distributed import pick_device  # noqa: E402
 from classifier.ema import build_ema  # noqa: E402
-from classifier.fastdata import BatchAugment, decode_split  # noqa: E402
+from classifier.fastdata import decode_split  # noqa: E402
 from classifier.losses import build_criterion  # noqa: E402
 from classifier.models import build_model  # noqa: E402
 from classifier.optim import build_optimizer, default_lr  # noqa: E402
+from classifier.transforms import preprocessing_spec  # noqa: E402
 from configs import get_preset  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -85,7 +87,13 @@ def main(args: BenchArgs) -> dict[str, float]:
         raise SystemExit(
             f"error: {len(samples)} images under {root / 'train'} cannot fill a batch of {d.batch_size}"
         )
-    spec = preprocessing_spec(d.image_size, d.resize_size, d.mean, d.std, d.interpolation)
+    spec = preprocessing_spec(
+        image_size=d.image_size,
+        resize_size=d.resize_size,
+        mean=d.mean,
+        std=d.std,
+        interpolation=d.interpolation,
+    )
     cache, labels = decode_split(samples, spec["resize_shorter_side"], d.interpolation)
     augment = BatchAugment(
         d.image_size,

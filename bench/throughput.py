@@ -6,8 +6,8 @@
 
 Three ways to feed the same model step (forward, backward, AdamW step) at the same batch size and precision:
   bare     batches already on the device as float tensors: the limit, no data work at all
-  regular  classifier.data: PNG decode + v2 transforms per image in DataLoader workers
-  fast     classifier.fastdata: decoded once into uint8 tensors, augmented whole batches at a time
+  regular  classifier.data, .transforms: PNG decode + v2 transforms per image in DataLoader workers
+  fast     classifier.fastdata, .batch_augment: decoded once into uint8 tensors, augmented a batch at a time
 The three take turns within every repeat, so a burst of load from other processes hits all of them;
 the table shows the median images/s and the median of each repeat's ratio to the bare loop.
 """
@@ -30,20 +30,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` without installing the repo
 
+from classifier.batch_augment import BatchAugment  # noqa: E402
 from classifier.config import DataConfig, OptimConfig  # noqa: E402
-from classifier.data import (  # noqa: E402
-    ImageDataset,
-    find_classes,
-    list_images,
-    make_loader,
-    preprocessing_spec,
-    train_transform,
-)
+from classifier.data import ImageDataset, find_classes, list_images, make_loader  # noqa: E402
 from classifier.distributed import pick_device  # noqa: E402
-from classifier.fastdata import BatchAugment, TensorLoader, decode_split  # noqa: E402
+from classifier.fastdata import TensorLoader, decode_split  # noqa: E402
 from classifier.models import build_model  # noqa: E402
 from classifier.optim import build_optimizer, default_lr  # noqa: E402
 from classifier.sampling import EpochSampler  # noqa: E402
+from classifier.transforms import preprocessing_spec, train_transform  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -132,7 +127,9 @@ def main(args: BenchArgs) -> dict[str, float]:
     if len(samples) < args.batch_size:
         raise SystemExit(f"error: {len(samples)} images cannot fill one batch of {args.batch_size}")
     d = DataConfig()  # the trainer's default augmentation, for both paths
-    spec = preprocessing_spec(args.image_size, None, d.mean, d.std, d.interpolation)
+    spec = preprocessing_spec(
+        image_size=args.image_size, resize_size=None, mean=d.mean, std=d.std, interpolation=d.interpolation
+    )
     print(
         f"data: {len(samples)} images from {args.root / 'train'} ({len(classes)} classes) | batch {args.batch_size} | "
         f"{args.image_size} px crops | {args.precision} | channels_last {args.channels_last} | compile {args.compile}"
@@ -142,14 +139,14 @@ def main(args: BenchArgs) -> dict[str, float]:
     regular_set = ImageDataset(
         samples,
         train_transform(
-            args.image_size,
-            d.crop_scale,
-            d.crop_ratio,
-            d.hflip,
-            d.color_jitter,
-            d.mean,
-            d.std,
-            d.interpolation,
+            image_size=args.image_size,
+            crop_scale=d.crop_scale,
+            crop_ratio=d.crop_ratio,
+            hflip=d.hflip,
+            color_jitter=d.color_jitter,
+            mean=d.mean,
+            std=d.std,
+            interpolation=d.interpolation,
         ),
     )
     regular_loader = make_loader(

@@ -28,7 +28,7 @@ import tyro
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from classifier.config import parse_cli  # noqa: E402
+from classifier.cli import parse_cli  # noqa: E402
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Temperature scaling (Guo et al. 2017): one scalar T, fitted on the validation logits, such that
 softmax(logits / T) gives honest probabilities. Dividing by T never changes the argmax, so accuracy is
 untouched. This module fits T, collects the logits (gathered over DDP ranks) and stores T with the
-best checkpoint; the ECE and the reliability-diagram numbers come from evaluation.py.
+best checkpoint; the ECE and the reliability-diagram numbers come from report.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from classifier import checkpoint as ckpt
-from classifier import distributed
-from classifier.evaluation import calibration_summary
-from classifier.metrics import batch_logits
+from classifier import distributed, models
+from classifier.report import calibration_summary
 from classifier.sampling import EpochSampler
+from classifier.validation import batch_logits
 
 T_MIN, T_MAX = 0.05, 20.0  # beyond these a "temperature" says the val set is degenerate, not the model
 NO_TEMPERATURE = 1.0  # checkpoints and exports from before calibration existed: softmax(logits) as is
@@ -70,7 +70,7 @@ def collect_logits(
     channels_last: bool = False,
     logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 logits, labels) on the CPU for every image of `loader`, as metrics.evaluate computes them
+    """(float32 logits, labels) on the CPU for every image of `loader`, as validation.validate computes them
     (fp32 after autocast, plus `logit_bias`). Under DDP every rank gets the whole split, in dataset order."""
     bias = None if logit_bias is None else torch.as_tensor(logit_bias, dtype=torch.float32, device=device)
     chunks, targets = [], []
@@ -108,7 +108,7 @@ def calibrate_best(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # model_from_checkpoint folds state["logit_bias"] into the head: these are the adjusted logits
         # that evaluate.py and the ONNX export give, so the bias must not be added a second time here.
-        model, _ = ckpt.model_from_checkpoint(state)
+        model, _ = models.model_from_checkpoint(state)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         logits, targets = collect_logits(
             model, val_loader, device=device, autocast=autocast, channels_last=channels_last

@@ -1,17 +1,18 @@
 """Checkpoints: the full training state as one plain dict, written atomically, read weights-only.
 
-A checkpoint holds everything a resume needs (model, EMA, optimizer, scaler, counters, RNG states,
-metric sums) plus everything inference needs (classes in training order, preprocessing, model name).
-It is plain data: `torch.load(weights_only=True)` reads it, and a file that would run code is refused.
+A checkpoint holds everything a resume needs (model, EMA, optimizer, scaler, the loop's TrainState,
+RNG states, metric sums) plus everything inference needs (classes in training order, preprocessing,
+model name). It is plain data: `torch.load(weights_only=True)` reads it, and a file that would run code
+is refused. `make_state` builds it and `restore` reads it back into the live objects; the architecture
+is rebuilt by models.model_from_checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,43 +20,95 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from classifier.config import TrainConfig, from_dict
-from classifier.models import build_model, fold_logit_bias
+from classifier.files import atomic_write
 
 FORMAT = "classifier-training/1"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
-    """Call write(tmp_path), fsync, then rename over `path`. A crash at any moment leaves either the old
-    file or the new one, never a half-written file under the real name. With `keep_previous`, the old
-    file is first moved there, so one older good copy always survives a later corruption."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)  # atomic on POSIX within one filesystem
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise OSError(
-            err.errno, f"could not write {path} ({err.strerror or err}); the previous file is intact"
-        ) from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass
+class TrainState:
+    """What the training loop changes as it runs, and a resume puts back. The loop mutates it in place
+    (`state.step += 1`), so every read of it is visible at the call site."""
+
+    best: dict  # selection.update_best's record: {"metric", "value", "epoch", "kept"}
+    weights: str  # 'ema' or 'raw': which weights the last validation preferred
+    drawn: torch.Tensor  # images per class the sampler delivered so far this epoch (CPU, int64)
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch being trained
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained
+    val: dict | None = None  # the last validation's metrics
+    skipped_nonfinite: int = 0  # --nonfinite-loss skip: batches left out
+    scaler_skipped: int = 0  # fp16: optimizer steps the GradScaler skipped on overflowing gradients
+
+
+def make_state(
+    state: TrainState,
+    *,
+    drawn: torch.Tensor,
+    model: nn.Module,
+    ema: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    train_metrics: dict,
+    run_facts: dict,
+    device: torch.device,
+) -> dict:
+    """The checkpoint: the weights, every optimizer-side state, the loop's TrainState (with `drawn`
+    summed over ranks) and the RNG states; `run_facts` (config, classes, preprocessing, ...) as given.
+    Plain data, loadable with weights_only=True."""
+    return {
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "train_metrics": {name: metric.state_dict() for name, metric in train_metrics.items()},
+        "step": state.step,
+        "epoch": state.epoch,
+        "batches_in_epoch": state.batches_in_epoch,
+        "best": state.best,
+        "weights": state.weights,
+        "val_metrics": state.val,
+        "drawn": drawn,
+        "skipped_nonfinite": state.skipped_nonfinite,
+        "scaler_skipped": state.scaler_skipped,
+        "rng": rng_state(device),
+        **run_facts,
+    }
+
+
+def restore(
+    resumed: dict,
+    *,
+    model: nn.Module,
+    ema: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    train_metrics: dict,
+    holds_drawn: bool,
+) -> TrainState:
+    """Load a checkpoint into the live objects and the RNGs; return the loop's state. `holds_drawn`: this
+    rank carries on the saved per-class counts (rank 0 saved all ranks' sum; the others start at 0)."""
+    model.load_state_dict(resumed["model"])
+    if ema is not None:
+        ema.load_state_dict(resumed["ema"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    if scaler.is_enabled() and resumed["scaler"]:  # a disabled scaler saved {} (e.g. a CPU run)
+        scaler.load_state_dict(resumed["scaler"])
+    for name, metric in train_metrics.items():
+        metric.load_state_dict(resumed["train_metrics"][name])
+    restore_rng(resumed["rng"])
+    mid_epoch = resumed["batches_in_epoch"] > 0
+    return TrainState(
+        best=resumed["best"],
+        weights=resumed["weights"],
+        drawn=resumed["drawn"].clone() if mid_epoch and holds_drawn else torch.zeros_like(resumed["drawn"]),
+        step=resumed["step"],
+        epoch=resumed["epoch"],
+        batches_in_epoch=resumed["batches_in_epoch"],
+        val=resumed["val_metrics"],
+        skipped_nonfinite=resumed["skipped_nonfinite"],
+        scaler_skipped=resumed["scaler_skipped"],
+    )
 
 
 def previous_of(path: Path) -> Path:
@@ -109,10 +162,6 @@ def check_resumable(checkpoint: dict, path: Path) -> None:
             f"error: {path} holds no {', '.join(missing)} state: best.pt and epoch-NNN.pt are for "
             "evaluate.py and export.py; resume from the run directory (its last.pt)"
         )
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -176,8 +225,22 @@ def check_resumed_precision(checkpoint: dict, precision: str, accept_changes: bo
     )
 
 
-def load_run_config(path: Path) -> TrainConfig:
-    return from_dict(load_checkpoint(path)["config"])
+def check_resumed_files(resumed: dict, fingerprint: dict, root: Path, accept_changes: bool, log) -> None:
+    """Refuse to resume on other files than the run trained on, unless --accept-config-changes: the
+    samplers index the file list, so on other files the same positions are other images. `fingerprint`
+    is data.fingerprint of the files found now."""
+    if resumed["dataset"] == fingerprint:
+        return
+    changed = (
+        f"the files under {root} changed since the checkpoint was written (counts were "
+        f"{resumed['dataset']['counts']}, now {fingerprint['counts']})"
+    )
+    if not accept_changes:
+        raise SystemExit(
+            f"error: {changed}; resumed on them, the run would not continue the interrupted one exactly. "
+            "Pass --accept-config-changes to continue on the new files."
+        )
+    log(f"warning: {changed}; continuing on the new files (--accept-config-changes)")
 
 
 def inference_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -189,22 +252,6 @@ def inference_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
         ema = checkpoint["ema"]
         return {k[len(prefix) :]: v for k, v in ema.items() if k.startswith(prefix)}, "ema"
     return checkpoint["model"], "raw"
-
-
-def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
-    """Rebuild the architecture from the checkpoint's config and load the validated weights, eval mode."""
-    cfg = from_dict(checkpoint["config"])
-    model = build_model(
-        cfg.model,
-        len(checkpoint["classes"]),
-        small_input_stem=cfg.small_input_stem,
-        stem_stride=cfg.stem_stride,
-    )
-    weights, which = inference_weights(checkpoint)
-    model.load_state_dict(weights)
-    if checkpoint.get("logit_bias") is not None:  # --logit-adjustment: fold it in, as best.safetensors has it
-        model.load_state_dict(fold_logit_bias(model, checkpoint["logit_bias"]))
-    return model.eval(), which
 
 
 # --- RNG state --------------------------------------------------------------------------------------

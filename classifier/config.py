@@ -1,20 +1,18 @@
 """The run's configuration: tyro dataclasses, nested one level (`--data.root`, `--optim.lr`).
 
-Every field's docstring is its `--help` text. This module owns parsing (presets, `--resume`) and the
-JSON round trip; it computes nothing derived (steps per epoch, EMA decay): train.py does that once.
+Every field's docstring is its `--help` text. This module holds the dataclasses and their JSON round
+trip, and imports nothing from the project: parsing (presets, `--resume`) is in cli.py. It computes
+nothing derived (steps per epoch, EMA decay): train.py does that once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import tyro
 
 # torchvision's ImageNet statistics: the right normalization for its pretrained weights
 # (https://pytorch.org/vision/stable/models.html).
@@ -254,76 +252,3 @@ def from_dict(raw: dict) -> TrainConfig:
 
 def save_json(cfg: TrainConfig, path: Path, **extra) -> None:
     path.write_text(json.dumps({**to_dict(cfg), **extra}, indent=2) + "\n")
-
-
-# --- command line -----------------------------------------------------------------------------------
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of `--flag VALUE` or `--flag=VALUE` in argv, read before tyro parses the rest."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def run_dir_for(cfg: TrainConfig) -> Path:
-    """OUT_DIR/NAME, NAME defaulting to <model>-<data root folder name>."""
-    return cfg.out_dir / (cfg.name or f"{cfg.model}-{cfg.data.root.resolve().name}")
-
-
-def parse_cli(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
-    """Parse train.py's flags. The base config is, in order of precedence: the resumed run's saved
-    config (`--resume`), a named preset (`--preset`), or the dataclass defaults. Flags override the base.
-    `--resume auto` becomes `--resume OUT_DIR/NAME` when that run has a checkpoint, else no resume.
-    """
-    from classifier.checkpoint import has_checkpoint, load_run_config  # checkpoint imports this module
-
-    argv = sys.argv[1:] if argv is None else argv
-    base = TrainConfig()
-    preset = _flag_value(argv, "--preset")
-    resume = _flag_value(argv, "--resume")
-    if preset is not None:
-        from configs import get_preset
-
-        base = get_preset(preset)
-    if resume == "auto":
-        fresh = tyro.cli(TrainConfig, default=base, args=argv, description=description)
-        run_dir = run_dir_for(fresh)
-        if not has_checkpoint(run_dir):
-            return dataclasses.replace(fresh, resume=None)
-        argv = [*argv, "--resume", str(run_dir)]  # the last --resume wins
-        resume = str(run_dir)
-    if resume is not None:
-        base = load_run_config(Path(resume))
-    return tyro.cli(TrainConfig, default=base, args=argv, description=description)
-
-
-# Fields a resumed run may change without --accept-config-changes: they do not change the results.
-HARMLESS_ON_RESUME = {
-    "resume",
-    "accept_config_changes",
-    "early_stop_patience",
-    "keep_best",
-    "progress",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "data.num_workers",
-    "data.cache_dir",
-    "debug_overfit_failure",
-}
-
-
-def config_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
-    """'field: saved -> now' for every field that differs, nested fields as data.xxx, harmless ones left out."""
-
-    def flat(values: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in values.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return out
-
-    a, b = flat(to_dict(saved)), flat(to_dict(now))
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in HARMLESS_ON_RESUME]

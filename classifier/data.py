@@ -1,9 +1,8 @@
-"""ImageFolder data: the class mapping, the splits, the transforms, the sampler and the loaders.
+"""ImageFolder data: the class mapping, the splits, unreadable files, the dataset and its DataLoader.
 
-Each split is its own dataset with its own transform (train augments, val/test do not). The class
-mapping is built once from `train/` and applied to every split. Randomness (order and augmentation) is a
-pure function of (seed, epoch, position in the epoch), which makes resume exact and results independent
-of the number of workers. Model, loss and metrics live elsewhere.
+Each split is its own dataset with its own transform (train augments, val/test do not: transforms.py),
+and the class mapping is built once from `train/` for every split. Order and augmentation seeds come from
+sampling.EpochSampler, so resume is exact and independent of the number of workers.
 """
 
 from __future__ import annotations
@@ -17,11 +16,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
 
 from classifier import distributed
-from classifier.augment import auto_augment_transform
 from classifier.faults import ignore_signals_in_worker
 from classifier.images import IMAGE_EXTENSIONS, load_image, scan_images, write_report
 from classifier.sampling import EpochSampler
@@ -224,94 +220,7 @@ def fingerprint(splits: Splits) -> dict:
     }
 
 
-# --- transforms --------------------------------------------------------------------------------------
-
-
-def preprocessing_spec(
-    image_size: int,
-    resize_size: int | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str,
-) -> dict:
-    """Everything a consumer needs to prepare an image exactly as evaluation does. Travels with every
-    checkpoint and export, so nobody has to guess (DESIGN.md pitfall 10)."""
-    return {
-        "color": "RGB",
-        "resize_shorter_side": resize_size or round(image_size * 256 / 224),
-        "center_crop": image_size,
-        "interpolation": interpolation,
-        "scale": "divide by 255 to [0, 1], then subtract mean and divide by std",
-        "mean": list(mean),
-        "std": list(std),
-        "layout": "NCHW",
-        "dtype": "float32",
-    }
-
-
-def eval_resize_crop(spec: dict) -> T.Compose:
-    """uint8 CHW RGB -> uint8 CHW of the crop size: the geometric half of the eval transform, which a
-    consumer of a graph with baked-in normalization still does itself."""
-    interpolation = InterpolationMode(spec["interpolation"])
-    return T.Compose(
-        [
-            T.Resize(spec["resize_shorter_side"], interpolation=interpolation, antialias=True),
-            T.CenterCrop(spec["center_crop"]),
-        ]
-    )
-
-
-def eval_transform(spec: dict) -> T.Compose:
-    """uint8 CHW RGB tensor -> normalized float32 tensor, exactly as `spec` says."""
-    return T.Compose(
-        [eval_resize_crop(spec), T.ToDtype(torch.float32, scale=True), T.Normalize(spec["mean"], spec["std"])]
-    )
-
-
-def train_transform(
-    image_size: int,
-    crop_scale: tuple[float, float],
-    crop_ratio: tuple[float, float],
-    hflip: bool,
-    color_jitter: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str,
-    *,
-    auto_augment: str = "none",
-    randaugment_num_ops: int = 2,
-    randaugment_magnitude: int = 9,
-    random_erasing: float = 0.0,
-) -> T.Compose:
-    """uint8 CHW RGB tensor -> augmented, normalized float32 tensor, in the order of torchvision's reference
-    recipe (references/classification/presets.py): crop, flip, auto-augment (on uint8), [jitter], ToDtype,
-    Normalize, random erasing. The options off add no step, so the transform is exactly the one without them."""
-    steps = [
-        T.RandomResizedCrop(
-            image_size,
-            scale=crop_scale,
-            ratio=crop_ratio,
-            interpolation=InterpolationMode(interpolation),
-            antialias=True,
-        )
-    ]
-    if hflip:
-        steps.append(T.RandomHorizontalFlip())
-    if auto_augment != "none":
-        steps.append(
-            auto_augment_transform(
-                auto_augment,
-                num_ops=randaugment_num_ops,
-                magnitude=randaugment_magnitude,
-                interpolation=interpolation,
-            )
-        )
-    if color_jitter > 0:
-        steps.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
-    if random_erasing > 0:
-        steps.append(T.RandomErasing(p=random_erasing))  # value 0 after Normalize: the mean colour
-    return T.Compose(steps)
+# --- loading ------------------------------------------------------------------------------------------
 
 
 class ImageDataset(Dataset):
@@ -337,9 +246,6 @@ class ImageDataset(Dataset):
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
             torch.default_generator.manual_seed(seed)
             return self.transform(image), label
-
-
-# --- loading ------------------------------------------------------------------------------------------
 
 
 def make_loader(

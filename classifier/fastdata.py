@@ -1,9 +1,9 @@
 """The fast data path for small images: decode every image once into a uint8 tensor (in memory, optionally
-cached on disk), then augment whole batches as tensors on the training device. The training loop then
-does no PIL work and needs no worker processes. File listing and class mapping stay in data.py; the
+cached on disk), then serve whole batches of it, transformed on the device by batch_augment.py: no PIL
+work and no worker processes in the training loop. File listing and class mapping stay in data.py; the
 order of samples and their seeds come from sampling.EpochSampler, so resume and DDP sharding work as there.
 
-What differs from the regular path (PIL decode + torchvision.transforms.v2 per image, in data.py):
+What differs from the regular path (data.py's PIL decode, transforms.py's v2 transforms, per image):
 - The cache holds each image with its shorter side resized to `size` and center-cropped to a square;
   the random training crop is taken inside that square. Strips of non-square images outside it are
   never seen, and a small crop is upsampled from cached pixels: sources much larger than `size` lose
@@ -16,7 +16,7 @@ What differs from the regular path (PIL decode + torchvision.transforms.v2 per i
   augmentation depends on its batch (v2 seeds each sample alone). Both are pure functions of (seed,
   epoch, position), so a resumed epoch sees the same batches, augmented the same.
 - Evaluation is exact: cache the val split with `crop=image_size` (the eval resize and crop) and
-  BatchEval converts and normalizes as data.eval_transform does.
+  BatchEval converts and normalizes as transforms.eval_transform does.
 """
 
 from __future__ import annotations
@@ -29,24 +29,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from classifier import distributed
-from classifier.augment import BatchAutoAugment, random_erase, to_device
-from classifier.checkpoint import atomic_write
+from classifier.batch_augment import BatchAugment, BatchEval, to_device
 from classifier.config import DataConfig
 from classifier.data import Sample, Splits
+from classifier.files import atomic_write
 from classifier.images import load_image
 from classifier.sampling import EpochSampler
 
 CACHE_FORMAT = "classifier-fastdata/1"
-# Decoding a small PNG takes well under a millisecond: past ~8 processes, starting them costs more than
-# they save.
+# A small PNG decodes in well under a millisecond: past ~8 processes, starting them costs more than they save.
 DEFAULT_DECODE_WORKERS = min(8, os.cpu_count() or 1)
 
 
@@ -64,8 +61,8 @@ class _ResizedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        # The same functions and arguments as data.eval_transform's Resize and CenterCrop, so a val cache
-        # built with crop=image_size is bit for bit what eval_transform computes before normalizing.
+        # The same functions and arguments as transforms.eval_resize_crop's Resize and CenterCrop, so a val
+        # cache built with crop=image_size is bit for bit what eval_transform computes before normalizing.
         image = F.resize(
             load_image(self.paths[index]), self.size, interpolation=self.interpolation, antialias=True
         )
@@ -171,161 +168,6 @@ def load_or_build_cache(
     # Atomic: DDP ranks building the same cache at once, or a crash mid-write, never leave half a file.
     atomic_write(path, lambda tmp: torch.save({"format": CACHE_FORMAT, "key": key, "images": images}, tmp))
     return images, labels
-
-
-# --- batch augmentation -----------------------------------------------------------------------------
-
-
-def random_resized_boxes(
-    n: int,
-    height: int,
-    width: int,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """(n, 4) crop boxes (x1, y1, x2, y2) in pixels, drawn as v2.RandomResizedCrop draws one: area a
-    uniform fraction of the image in `scale`, log-uniform aspect in `ratio`, the first of 10 attempts
-    that fits, else the largest centered box with the ratio clamped. Vectorized over all n at once."""
-    attempts = 10
-    area = height * width * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=generator)
-    aspect = (
-        torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()
-    )
-    w, h = (area * aspect).sqrt(), (area / aspect).sqrt()
-    fits = (w <= width) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # torchvision's fallback when no attempt fits.
-    if width / height < min(ratio):
-        fallback_w, fallback_h = width, width / min(ratio)
-    elif width / height > max(ratio):
-        fallback_w, fallback_h = height * max(ratio), height
-    else:
-        fallback_w, fallback_h = width, height
-    found = fits.any(dim=1)
-    position = torch.rand(
-        n, 2, generator=generator
-    )  # drawn for every box, so the stream never depends on `found`
-    w = torch.where(found, w, torch.tensor(float(fallback_w)))
-    h = torch.where(found, h, torch.tensor(float(fallback_h)))
-    x1 = torch.where(found, position[:, 0] * (width - w), (width - w) / 2)
-    y1 = torch.where(found, position[:, 1] * (height - h), (height - h) / 2)
-    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
-
-
-def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) RGB -> (B, 1, H, W) luma, with the weights torchvision's rgb_to_grayscale uses."""
-    r, g, b = images.unbind(dim=1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
-class BatchAugment(nn.Module):
-    """uint8 (B, 3, H, W) batch -> augmented, normalized float32 (B, 3, size, size), on the batch's device.
-
-    Random resized crop (roi_align: boxes in pixel coordinates read like RandomResizedCrop's, a full box
-    returns the image exactly, and it averages samples when shrinking; affine_grid + grid_sample would
-    need normalized [-1, 1] coordinates and never averages), horizontal flip, brightness/contrast/
-    saturation jitter, then ToDtype(scale=True) + Normalize. The random numbers are drawn on the CPU from
-    `generator`, so one seed gives the same crops on CPU and GPU; every draw happens whatever the options,
-    so turning flip or jitter off leaves the crops unchanged. Optional, in data.train_transform's order:
-    auto-augment per image on the uint8 crops after the flip, random erasing after Normalize
-    (classifier/augment.py). They draw after everything else and only when on: off, the stream and the
-    output are exactly those without them; on, the crops, flips and jitter are unchanged.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        *,
-        crop_scale: tuple[float, float],
-        crop_ratio: tuple[float, float],
-        hflip: bool,
-        color_jitter: float,
-        mean: Sequence[float],
-        std: Sequence[float],
-        channels_last: bool = False,
-        auto_augment: str = "none",
-        randaugment_num_ops: int = 2,
-        randaugment_magnitude: int = 9,
-        interpolation: str = "bilinear",
-        random_erasing: float = 0.0,
-    ):
-        super().__init__()
-        self.size, self.crop_scale, self.crop_ratio = size, crop_scale, crop_ratio
-        self.hflip, self.color_jitter, self.channels_last = hflip, color_jitter, channels_last
-        self.auto_augment = (
-            None
-            if auto_augment == "none"
-            else BatchAutoAugment(
-                auto_augment,
-                num_ops=randaugment_num_ops,
-                magnitude=randaugment_magnitude,
-                interpolation=interpolation,
-            )
-        )
-        self.random_erasing = random_erasing
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n, _, height, width = images.shape
-        boxes = random_resized_boxes(n, height, width, self.crop_scale, self.crop_ratio, generator)
-        flip = torch.rand(n, generator=generator) < 0.5
-        low = max(0.0, 1 - self.color_jitter)  # v2.ColorJitter's factor range
-        factors = torch.empty(n, 3).uniform_(low, 1 + self.color_jitter, generator=generator)
-        # One small host-to-device copy per batch: roi_align's (batch index, box) rows, flip, jitter.
-        params = torch.cat(
-            [torch.arange(n).unsqueeze(1).float(), boxes, flip.unsqueeze(1).float(), factors], dim=1
-        )
-        params = to_device(params, images.device)
-        rois, flip, factors = params[:, :5], params[:, 5].bool(), params[:, 6:].view(n, 3, 1, 1, 1)
-
-        # sampling_ratio=-1: ceil(box side / output side) bilinear samples per output pixel, averaged;
-        # aligned=True: pixel i covers [i, i + 1), so the full box reproduces the image exactly.
-        x = roi_align(
-            images.float(), rois, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
-        )
-        if self.hflip:
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-        if self.auto_augment is not None:  # its ops want uint8, as v2's do after an antialiased resize
-            x = self.auto_augment(x.round_().to(torch.uint8), generator).float()
-        x = x.mul_(1.0 / 255)  # v2.ToDtype(float32, scale=True)'s scaling
-        if self.color_jitter > 0:
-            brightness, contrast, saturation = factors.unbind(dim=1)
-            x = (x * brightness).clamp_(0, 1)
-            x = (contrast * x + (1 - contrast) * grayscale(x).mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
-            x = (saturation * x + (1 - saturation) * grayscale(x)).clamp_(0, 1)
-        x = (x - self.mean).div_(self.std)
-        if self.random_erasing > 0:
-            x = random_erase(x, self.random_erasing, generator)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-class BatchEval(nn.Module):
-    """uint8 (B, 3, H, W) batch -> normalized float32 (B, 3, size, size): data.eval_transform, batched.
-
-    Give it a cache built with crop=size (decode_split does the eval resize and center crop) and the
-    result equals eval_transform's. A larger square is center-cropped first, as v2.CenterCrop would.
-    Takes (and ignores) a generator so that TensorLoader calls both transforms alike."""
-
-    def __init__(
-        self, size: int, *, mean: Sequence[float], std: Sequence[float], channels_last: bool = False
-    ):
-        super().__init__()
-        self.size, self.channels_last = size, channels_last
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = F.center_crop(images, [self.size, self.size])
-        x = F.to_dtype(x, torch.float32, scale=True)
-        x = (x - self.mean).div_(self.std)  # v2.Normalize's arithmetic, with mean/std already on the device
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 # --- the loader -------------------------------------------------------------------------------------

@@ -38,6 +38,14 @@ class Choice:
     reason: str
     warn: bool = False  # a choice the user asked for that is known to be slow here
 
+    def line(self, name: str) -> str:
+        """The start-up line: 'precision fp32: ...', with 'warning: ' first for a slow choice."""
+        return f"{'warning: ' if self.warn else ''}{name} {self.value}: {self.reason}"
+
+    def record(self, requested: object) -> dict:
+        """config.json's entry: what was asked for, what was used and why."""
+        return {"requested": requested, "value": self.value, "reason": self.reason}
+
 
 def cpu_flags() -> set[str]:
     """The CPU's instruction-set flags, lower case: PyTorch's own reading (torch.cpu.get_capabilities,

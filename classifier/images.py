@@ -16,6 +16,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
 
+from classifier.files import write_text
+
 # What torchvision's ImageFolder accepts, lower case.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -64,6 +66,4 @@ def scan_images(paths: list[str], workers: int) -> dict[str, str]:
 
 
 def write_report(bad: dict[str, str], path: Path) -> None:
-    from classifier.checkpoint import write_text
-
     write_text(path, "".join(f"{p}\t{reason}\n" for p, reason in sorted(bad.items())))

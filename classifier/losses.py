@@ -2,7 +2,8 @@
 
 Owns: cross-entropy for int labels or (N, C) soft targets, with class weights and label smoothing
 composed one way for both; and BatchMixer, which turns an (images, labels) batch into mixed images
-and soft targets. The per-image augmentation stays in data.py / fastdata.py; validation never mixes.
+and soft targets. The per-image augmentation stays in transforms.py / batch_augment.py; validation never
+mixes.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Pretrained weights never come from the network at run time: 'DEFAULT' reads torchvision's cache under
 TORCH_HOME, and a path reads a local .pth/.safetensors file (from one of our checkpoints, the weights it
 validated). Training, evaluation and export all build their model here, so the three can never disagree
-about the architecture.
+about the architecture; model_from_checkpoint rebuilds a trained one from its checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 from torch import nn
+
+from classifier.checkpoint import FORMAT, inference_weights
 
 
 class SmallResNet(nn.Module):
@@ -197,8 +199,6 @@ def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor]
     are, in words; and for one of this project's checkpoints, the stem it was trained with
     ({"small_input_stem", "stem_stride"}, else None). From such a checkpoint, the weights it validated
     and preferred (the EMA's or the raw model's), as evaluate and export take them."""
-    from classifier.checkpoint import FORMAT, inference_weights  # checkpoint.py imports this module
-
     if pretrained == "DEFAULT":
         weights = torchvision.models.get_model_weights(name).DEFAULT
         filename = os.path.basename(weights.url)
@@ -236,3 +236,19 @@ def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor]
     if not isinstance(state, dict):
         raise ValueError(f"pretrained weights {path} do not hold a state dict")
     return state, f"weights of {path}", None
+
+
+def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
+    """Rebuild the architecture from the checkpoint's config and load the validated weights, eval mode."""
+    config = checkpoint["config"]
+    model = build_model(
+        config["model"],
+        len(checkpoint["classes"]),
+        small_input_stem=config["small_input_stem"],
+        stem_stride=config["stem_stride"],
+    )
+    weights, which = inference_weights(checkpoint)
+    model.load_state_dict(weights)
+    if checkpoint.get("logit_bias") is not None:  # --logit-adjustment: fold it in, as best.safetensors has it
+        model.load_state_dict(fold_logit_bias(model, checkpoint["logit_bias"]))
+    return model.eval(), which

@@ -17,7 +17,7 @@ import onnxruntime
 import torch
 from torch import nn
 
-from classifier.data import eval_resize_crop, eval_transform
+from classifier.transforms import eval_resize_crop, eval_transform
 
 # Opset 18 is the lowest the dynamo exporter writes natively: asking for 17 runs the ONNX version
 # converter, which fails even on ResNet18 (checked on torch 2.14) and leaves the model at 18 anyway.
@@ -29,7 +29,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 class BakedPreprocessing(nn.Module):
     """uint8 RGB pixels (already resized and center-cropped) -> the model's logits. Scaling and mean/std
-    normalization run inside the graph, with the same two operations as data.eval_transform, in the same
+    normalization run inside the graph, with the same two operations as transforms.eval_transform, in the same
     order, so the float results match PyTorch's pipeline to rounding."""
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], channels_last_input: bool):
@@ -184,7 +184,7 @@ def verify_onnx(
     batch_sizes: tuple[int, ...],
     atol: float,
 ) -> bool:
-    """Run the exported graph and the PyTorch pipeline (data.eval_transform, then the model) on the same
+    """Run the exported graph and the PyTorch pipeline (transforms.eval_transform, then the model) on the same
     uint8 images; print max |logit difference| and top-1 agreement per batch size. True when every batch
     size agrees on every top-1 and stays within `atol`."""
     reference = run_torch(model.eval(), torch.stack([eval_transform(preprocessing)(im) for im in images]), 64)

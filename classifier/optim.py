@@ -85,3 +85,9 @@ def lr_at(
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule owns the learning rate: every parameter group gets `lr` before each step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -4,7 +4,7 @@ of misclassified images and the reliability diagram, saved as PNG.
 Figures are built as plain `matplotlib.figure.Figure` objects drawn by the Agg renderer, never through
 pyplot: no display is needed, no backend is switched under a notebook user, and no global figure
 registry grows epoch after epoch (a figure is freed with its last reference). Computing the numbers
-shown is the job of metrics.py and evaluation.py.
+shown is the job of validation.py and report.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from classifier.checkpoint import atomic_write
+from classifier.files import atomic_write
 
 ANNOTATE_MAX_CLASSES = 30  # above this, numbers in the cells are too small to read
 
@@ -143,7 +143,7 @@ def reliability_figure(
 ) -> Figure:
     """Accuracy against top-1 confidence per bin, before and after temperature scaling (side by side), with
     the diagonal a calibrated model follows and the image count per bin below. `before`/`after` are
-    evaluation.reliability_bins results; bars above the diagonal are under-confident, below over-confident."""
+    report.reliability_bins results; bars above the diagonal are under-confident, below over-confident."""
     fig = Figure(figsize=(11, 6.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True, height_ratios=[3, 1.1])
     panels = (

@@ -13,6 +13,11 @@ def pick_weights(results: dict[str, dict], metric: str) -> str:
     return max(results, key=lambda which: results[which][metric])
 
 
+def no_best(metric: str) -> dict:
+    """The `best` record before the first validation: any score beats it."""
+    return {"metric": metric, "value": float("-inf"), "epoch": -1, "kept": []}
+
+
 def update_best(best: dict, value: float, epoch: int, keep_best: int) -> tuple[dict, bool, list[list]]:
     """(new best dict, whether this epoch is the new best, [[value, epoch], ...] whose files to delete).
 
@@ -24,11 +29,3 @@ def update_best(best: dict, value: float, epoch: int, keep_best: int) -> tuple[d
     ranked = sorted([*best["kept"], [value, epoch]], key=lambda ve: (-ve[0], ve[1]))
     kept, dropped = (ranked[:keep_best], ranked[keep_best:]) if keep_best > 1 else ([], [])
     return {**best, "kept": kept}, improved, dropped
-
-
-def rare_recall_text(per_class_recall: list[float], classes: list[str], rare: list[int]) -> str:
-    """' | rare recall Bag 0.61, Coat 0.70' for the log line; the lowest recall when no class is rarer."""
-    if rare:
-        return " | rare recall " + ", ".join(f"{classes[c]} {per_class_recall[c]:.2f}" for c in rare)
-    worst = min(range(len(classes)), key=lambda c: per_class_recall[c])
-    return f" | min recall {classes[worst]} {per_class_recall[worst]:.2f}"

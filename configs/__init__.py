@@ -3,16 +3,14 @@ command-line flags override. Presets are plain Python so a reader can see every 
 
 from __future__ import annotations
 
-import importlib
-
 from classifier.config import TrainConfig
+from configs import fashion_mnist, jersey
 
-# CLI name -> module in this package. A preset is an ordinary TrainConfig instance, nothing more.
-PRESETS = {"fashion-mnist": "fashion_mnist", "jersey": "jersey"}
+# CLI name -> the preset. A preset is an ordinary TrainConfig instance, nothing more.
+PRESETS = {"fashion-mnist": fashion_mnist.CONFIG, "jersey": jersey.CONFIG}
 
 
 def get_preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise SystemExit(f"error: unknown preset {name!r} for --preset; choose one of {sorted(PRESETS)}")
-    module = importlib.import_module(f"configs.{PRESETS[name]}")
-    return module.CONFIG
+    return PRESETS[name]

@@ -8,12 +8,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from classifier.config import parse_cli  # noqa: E402
+from classifier.cli import parse_cli  # noqa: E402
 
 if __name__ == "__main__":
     marker = Path(os.environ["CRASH_MARKER"])
     die_at = int(os.environ["DIE_AT_STEP"])
-    real_lr_at = train.lr_at
+    real_lr_at = train.optim.lr_at
 
     def lr_at(step, **kw):
         if step == die_at and not marker.exists():
@@ -21,5 +21,5 @@ if __name__ == "__main__":
             os._exit(1)
         return real_lr_at(step, **kw)
 
-    train.lr_at = lr_at
+    train.optim.lr_at = lr_at
     train.main(parse_cli(sys.argv[1:]))

@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from classifier.config import parse_cli  # noqa: E402
+from classifier.cli import parse_cli  # noqa: E402
 
 if __name__ == "__main__":
     out = Path(os.environ["DDP_TEST_OUT"])

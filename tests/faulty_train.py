@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-from classifier import checkpoint  # noqa: E402
-from classifier.config import parse_cli  # noqa: E402
+from classifier import files  # noqa: E402
+from classifier.cli import parse_cli  # noqa: E402
 
 if __name__ == "__main__":
     fault = os.environ["FAULT"]
@@ -24,7 +24,7 @@ if __name__ == "__main__":
         def calibrate_best(*args, **kw):
             raise RuntimeError("injected failure after the last epoch")
 
-        train.calibrate_best = calibrate_best
+        train.calibration.calibrate_best = calibrate_best
     elif fault == "hang-mid-save":
         real_replace = os.replace
         moved_aside = []
@@ -37,15 +37,15 @@ if __name__ == "__main__":
                     print("MID-SAVE", flush=True)
                     time.sleep(600)
 
-        checkpoint.os.replace = replace
+        files.os.replace = replace
     elif fault == "slow-steps":
-        real_lr_at = train.lr_at
+        real_lr_at = train.optim.lr_at
 
         def lr_at(step, **kw):
             time.sleep(3)
             return real_lr_at(step, **kw)
 
-        train.lr_at = lr_at
+        train.optim.lr_at = lr_at
     else:
         raise SystemExit(f"unknown FAULT {fault!r}")
     train.main(parse_cli(sys.argv[1:]))

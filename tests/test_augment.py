@@ -13,16 +13,27 @@ from torchvision.transforms import v2 as T
 
 import train
 from classifier import plots
-from classifier.augment import BatchAutoAugment, auto_augment_transform, random_erase
+from classifier.batch_augment import BatchAugment, BatchAutoAugment, random_erase, random_resized_boxes
 from classifier.checkpoint import load_checkpoint
-from classifier.config import parse_cli
-from classifier.data import ImageDataset, load_image, make_loader, peek_batch, train_transform
-from classifier.fastdata import BatchAugment, TensorLoader, random_resized_boxes
+from classifier.cli import parse_cli
+from classifier.data import ImageDataset, make_loader, peek_batch
+from classifier.fastdata import TensorLoader
+from classifier.images import load_image
 from classifier.sampling import EpochSampler
+from classifier.transforms import auto_augment_transform, train_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# train_transform's positional arguments: size, crop scale and ratio, hflip, jitter, mean, std, interpolation.
-REGULAR = (24, (0.5, 1.0), (3 / 4, 4 / 3), True, 0.2, MEAN, STD, "bilinear")
+# train_transform's required arguments.
+REGULAR = dict(
+    image_size=24,
+    crop_scale=(0.5, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    hflip=True,
+    color_jitter=0.2,
+    mean=MEAN,
+    std=STD,
+    interpolation="bilinear",
+)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -52,9 +63,9 @@ def fast_augment(size=16, **options) -> BatchAugment:
 
 def test_train_transform_off_is_the_transform_without_the_options_on_changes_it():
     image = picture()
-    plain = train_transform(*REGULAR)
+    plain = train_transform(**REGULAR)
     off = train_transform(
-        *REGULAR, auto_augment="none", randaugment_num_ops=5, randaugment_magnitude=20, random_erasing=0.0
+        **REGULAR, auto_augment="none", randaugment_num_ops=5, randaugment_magnitude=20, random_erasing=0.0
     )
     assert [type(t) for t in off.transforms] == [type(t) for t in plain.transforms]
     for seed in range(5):
@@ -64,7 +75,7 @@ def test_train_transform_off_is_the_transform_without_the_options_on_changes_it(
         assert torch.equal(off(image), expected)
 
     # On: the reference recipe's order, and a different image from the same seed.
-    on = train_transform(*REGULAR, auto_augment="randaugment", random_erasing=0.5)
+    on = train_transform(**REGULAR, auto_augment="randaugment", random_erasing=0.5)
     assert [type(t) for t in on.transforms] == [
         T.RandomResizedCrop,
         T.RandomHorizontalFlip,
@@ -74,9 +85,9 @@ def test_train_transform_off_is_the_transform_without_the_options_on_changes_it(
         T.Normalize,
         T.RandomErasing,
     ]
-    trivial = train_transform(*REGULAR, auto_augment="trivialaugment")
+    trivial = train_transform(**REGULAR, auto_augment="trivialaugment")
     assert isinstance(trivial.transforms[2], T.TrivialAugmentWide)
-    for transform in (on, trivial, train_transform(*REGULAR, random_erasing=1.0)):
+    for transform in (on, trivial, train_transform(**REGULAR, random_erasing=1.0)):
         changed = 0
         for seed in range(5):
             torch.manual_seed(seed)
@@ -87,7 +98,7 @@ def test_train_transform_off_is_the_transform_without_the_options_on_changes_it(
 
 
 def test_regular_random_erasing_erases_a_rectangle_to_zero():
-    transform = train_transform(*REGULAR, random_erasing=1.0)
+    transform = train_transform(**REGULAR, random_erasing=1.0)
     torch.manual_seed(0)
     out = transform(picture())
     zero = (out == 0).all(dim=0)
@@ -103,7 +114,7 @@ def test_bicubic_becomes_bilinear_for_auto_augment_and_bad_magnitude_is_named():
     for _ in range(30):
         transform(picture())  # every op works on a uint8 tensor
     with pytest.raises(ValueError, match="randaugment-magnitude"):
-        train_transform(*REGULAR, auto_augment="randaugment", randaugment_magnitude=31)
+        train_transform(**REGULAR, auto_augment="randaugment", randaugment_magnitude=31)
 
 
 # --- the fast path: per-image auto-augment and erasing on batches -----------------------------------
@@ -233,7 +244,7 @@ def noise_folder(folder, n=24) -> list[tuple[str, int]]:
 
 def test_peek_batch_is_the_first_batch_and_draws_from_no_rng(tmp_path):
     samples = noise_folder(tmp_path)
-    transform = train_transform(*REGULAR, auto_augment="randaugment", random_erasing=0.5)
+    transform = train_transform(**REGULAR, auto_augment="randaugment", random_erasing=0.5)
     sampler = EpochSampler(len(samples), shuffle=True, seed=4)
     loader = make_loader(
         ImageDataset(samples, transform),
@@ -329,7 +340,7 @@ def test_training_writes_the_batch_picture_and_it_changes_nothing(fmnist_small_r
         assert np.asarray(png.convert("L")).std() > 20  # not blank
 
     monkeypatch.setattr(
-        train,
+        train.data,
         "peek_batch",
         lambda loader, count: (torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)),
     )
@@ -342,7 +353,7 @@ def test_training_writes_the_batch_picture_and_it_changes_nothing(fmnist_small_r
     def never(loader, count):
         raise AssertionError("a resumed run drew the picture's batch again")
 
-    monkeypatch.setattr(train, "peek_batch", never)
+    monkeypatch.setattr(train.data, "peek_batch", never)
     train.main(parse_cli(["--resume", str(tmp_path / "with"), "--epochs", "2", "--accept-config-changes"]))
 
 

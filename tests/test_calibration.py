@@ -20,12 +20,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from classifier import checkpoint as ckpt
-from classifier import distributed
+from classifier import distributed, models
 from classifier.calibration import T_MAX, T_MIN, calibrate_best, collect_logits, fit_temperature
-from classifier.data import ImageDataset, build_splits, eval_transform, make_loader
-from classifier.evaluation import calibration_summary, expected_calibration_error, reliability_bins
+from classifier.data import ImageDataset, build_splits, make_loader
 from classifier.images import load_image
+from classifier.report import calibration_summary, expected_calibration_error, reliability_bins
 from classifier.sampling import EpochSampler
+from classifier.transforms import eval_transform
 
 
 def synthetic(
@@ -159,7 +160,7 @@ def val_logits(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         drop_last=False,
         pin_memory=False,
     )
-    model, _ = ckpt.model_from_checkpoint(state)
+    model, _ = models.model_from_checkpoint(state)
     return collect_logits(
         model, loader, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False)
     ), loader
@@ -174,7 +175,7 @@ def independent_val_logits(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     )
     transform = eval_transform(state["preprocessing"])
     images = torch.stack([transform(load_image(path)) for path, _ in splits.val])
-    model, _ = ckpt.model_from_checkpoint(state)
+    model, _ = models.model_from_checkpoint(state)
     with torch.no_grad():
         return model(images).double(), torch.tensor([label for _, label in splits.val])
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from classifier import checkpoint as ckpt
+from classifier import files
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -22,7 +23,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write(path, crash)
+        files.atomic_write(path, crash)
     assert ckpt.load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import run_script
 
-from classifier.config import DataConfig, OptimConfig, TrainConfig, from_dict, parse_cli, to_dict
+from classifier.cli import parse_cli
+from classifier.config import DataConfig, OptimConfig, TrainConfig, from_dict, to_dict
 from classifier.models import build_model, check_input_size
 
 

@@ -10,19 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from classifier.data import (
-    EpochSampler,
-    ImageDataset,
-    build_splits,
-    class_counts,
-    class_sort_key,
-    eval_transform,
-    fingerprint,
-    load_image,
-    preprocessing_spec,
-    train_transform,
-)
+from classifier.data import ImageDataset, build_splits, class_counts, class_sort_key, fingerprint
+from classifier.images import load_image
 from classifier.imbalance import inverse_frequency_weights
+from classifier.sampling import EpochSampler
+from classifier.transforms import eval_transform, preprocessing_spec, train_transform
 
 
 def make_folder(root: Path, layout: dict[str, dict[str, int]], size=(20, 16), mode="RGB") -> Path:
@@ -127,17 +119,37 @@ def test_unreadable_image_names_the_file(tmp_path):
 def test_transforms_give_normalized_crops(tmp_path):
     Image.new("RGB", (40, 30), color=(255, 0, 128)).save(tmp_path / "x.png")
     image = load_image(str(tmp_path / "x.png"))
-    spec = preprocessing_spec(24, 28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+    spec = preprocessing_spec(
+        image_size=24, resize_size=28, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
+    )
     out = eval_transform(spec)(image)
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
     assert torch.allclose(out[:, 5, 5], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-3)
-    aug = train_transform(16, (0.5, 1.0), (0.75, 1.33), True, 0.2, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    aug = train_transform(
+        image_size=16,
+        crop_scale=(0.5, 1.0),
+        crop_ratio=(0.75, 1.33),
+        hflip=True,
+        color_jitter=0.2,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        interpolation="bilinear",
+    )
     assert aug(image).shape == (3, 16, 16)
 
 
 def test_augmentation_depends_on_the_sample_seed_only(tmp_path):
     make_folder(tmp_path, {"train": {"a": 1}}, size=(32, 32))
-    aug = train_transform(16, (0.1, 1.0), (0.5, 2.0), True, 0.4, (0.0,) * 3, (1.0,) * 3, "bilinear")
+    aug = train_transform(
+        image_size=16,
+        crop_scale=(0.1, 1.0),
+        crop_ratio=(0.5, 2.0),
+        hflip=True,
+        color_jitter=0.4,
+        mean=(0.0,) * 3,
+        std=(1.0,) * 3,
+        interpolation="bilinear",
+    )
     dataset = ImageDataset([(str(tmp_path / "train" / "a" / "0.png"), 0)], aug)
     torch.manual_seed(1)
     first, _ = dataset[(0, 1234)]
@@ -225,14 +237,14 @@ def test_cpu_only_seeding_gives_the_pixels_of_torch_manual_seed(auto_augment, tm
     path = tmp_path / "textured.png"
     Image.fromarray(pixels.numpy()).save(path)
     aug = train_transform(
-        16,
-        (0.1, 1.0),
-        (0.5, 2.0),
-        True,
-        0.4,
-        (0.5,) * 3,
-        (0.25,) * 3,
-        "bilinear",
+        image_size=16,
+        crop_scale=(0.1, 1.0),
+        crop_ratio=(0.5, 2.0),
+        hflip=True,
+        color_jitter=0.4,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        interpolation="bilinear",
         auto_augment=auto_augment,
         random_erasing=0.5,
     )

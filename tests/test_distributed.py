@@ -10,10 +10,13 @@ import sys
 import pytest
 import torch
 
-from classifier.checkpoint import load_checkpoint, model_from_checkpoint
+from classifier.checkpoint import load_checkpoint
 from classifier.config import from_dict
-from classifier.data import EpochSampler, ImageDataset, build_splits, eval_transform, make_loader
-from classifier.metrics import build_val_metrics, evaluate
+from classifier.data import ImageDataset, build_splits, make_loader
+from classifier.models import model_from_checkpoint
+from classifier.sampling import EpochSampler
+from classifier.transforms import eval_transform
+from classifier.validation import build_val_metrics, validate
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -104,7 +107,7 @@ def test_validation_metrics_equal_a_single_process_evaluation(ddp_run):
         drop_last=False,
         pin_memory=False,
     )
-    single = evaluate(
+    single = validate(
         model,
         loader,
         build_val_metrics(10),
@@ -192,7 +195,7 @@ def test_validation_loss_f1_and_balanced_accuracy_equal_a_single_process_evaluat
         drop_last=False,
         pin_memory=False,
     )
-    single = evaluate(
+    single = validate(
         model,
         loader,
         build_val_metrics(10),

@@ -1,4 +1,4 @@
-"""evaluate.py and classifier/evaluation.py: the report's numbers, the files people read, the same numbers
+"""evaluate.py and classifier/report.py: the report's numbers, the files people read, the same numbers
 from a checkpoint and from its ONNX export, and refusing data whose classes disagree."""
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from test_export import tiny_fallback_run, tiny_fmnist_export, tiny_fmnist_run
 
 import evaluate
 from classifier import checkpoint as ckpt
-from classifier.data import build_splits, eval_transform
-from classifier.evaluation import compute_report, confident_errors, worst_first
+from classifier import models
+from classifier.data import build_splits
 from classifier.fashion_mnist import CLASSES
 from classifier.images import load_image
+from classifier.report import compute_report, confident_errors, worst_first
+from classifier.transforms import eval_transform
 
 # Numbers that count images agree exactly; those that use probabilities may differ by float rounding.
 COUNT_METRICS = ("top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy")
@@ -144,7 +146,7 @@ def test_predictions_give_the_confidence_before_and_after_the_temperature(run_an
     best = ckpt.load_checkpoint(run_dir / "checkpoints" / "best.pt")
     temperature = best["temperature"]
     assert abs(temperature - 1.0) > 0.05  # else the two columns could not differ
-    model, _ = ckpt.model_from_checkpoint(best)
+    model, _ = models.model_from_checkpoint(best)
     data = best["config"]["data"]
     samples = build_splits(Path(data["root"]), data["val_fraction"], best["config"]["seed"]).val
     to_model = eval_transform(best["preprocessing"])

@@ -23,10 +23,11 @@ from safetensors.torch import load_file
 
 import export
 from classifier import checkpoint as ckpt
-from classifier import onnx_export
-from classifier.data import build_splits, eval_resize_crop, eval_transform
+from classifier import models, onnx_export
+from classifier.data import build_splits
 from classifier.fashion_mnist import CLASSES
 from classifier.images import load_image
+from classifier.transforms import eval_resize_crop, eval_transform
 
 # SGD: AdamW's step over ResNet18's 11M parameters costs over a second on this CPU; the optimizer is not under test.
 TINY_RUN = ["--model", "resnet18", "--epochs", "1", "--data.num-workers", "0", "--ema-half-life-epochs", "0.1",
@@ -36,7 +37,7 @@ TINY_RUN = ["--model", "resnet18", "--epochs", "1", "--data.num-workers", "0", "
 def train_tiny_run(root: Path, out_dir: Path, *flags: str) -> Path:
     """A real run directory from one or two training steps, trained in this process (seconds)."""
     import train
-    from classifier.config import parse_cli
+    from classifier.cli import parse_cli
 
     args = [*TINY_RUN, "--data.root", str(root), "--out-dir", str(out_dir), "--name", "run", *flags]
     return Path(train.main(parse_cli(args))["run_dir"])
@@ -106,7 +107,7 @@ def exported(fmnist_run, tmp_path_factory) -> tuple[Path, str]:
 def fmnist_best(fmnist_run) -> tuple[dict, torch.nn.Module]:
     """best.pt and the model rebuilt from it (the EMA weights, eval mode), loaded once."""
     state = ckpt.load_checkpoint(fmnist_run / "checkpoints" / "best.pt")
-    return state, ckpt.model_from_checkpoint(state)[0]
+    return state, models.model_from_checkpoint(state)[0]
 
 
 @pytest.fixture(scope="session")
@@ -244,7 +245,7 @@ def test_baked_module_equals_the_pytorch_pipeline(layout, fmnist_best, fmnist_sm
     assert pixels.dtype == torch.uint8 and list(pixels.shape[1:]) == spec["shape"][1:]
     with torch.no_grad():
         baked = onnx_export.graph_module(model, layout, state["preprocessing"])(pixels)
-        expected = model(inputs)  # data.eval_transform, then the model
+        expected = model(inputs)  # transforms.eval_transform, then the model
     torch.testing.assert_close(baked, expected, atol=1e-5, rtol=0)
 
 
@@ -502,7 +503,7 @@ def test_baked_export_takes_raw_pixels(numeric_run, numeric_export):
     assert "do NOT normalize" in sidecar["preprocessing"]["scale"]
 
     state = ckpt.load_checkpoint(numeric_run)
-    model, _ = ckpt.model_from_checkpoint(state)
+    model, _ = models.model_from_checkpoint(state)
     images = [
         load_image(str(p)) for p in sorted((Path(state["config"]["data"]["root"]) / "train").rglob("*.png"))
     ]

@@ -13,12 +13,14 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from classifier import fastdata
+from classifier import batch_augment, fastdata
+from classifier.batch_augment import BatchAugment, BatchEval
 from classifier.config import DataConfig
-from classifier.data import Splits, eval_resize_crop, eval_transform, preprocessing_spec, train_transform
-from classifier.fastdata import BatchAugment, BatchEval, TensorLoader, decode_split, load_or_build_cache
+from classifier.data import Splits
+from classifier.fastdata import TensorLoader, decode_split, load_or_build_cache
 from classifier.images import load_image
 from classifier.sampling import EpochSampler
+from classifier.transforms import eval_resize_crop, eval_transform, preprocessing_spec, train_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -50,7 +52,14 @@ def regular_augment(size=16, **options):
     image gets its own seed drawn from `generator`, and is transformed under it as ImageDataset does."""
     s = {**AUGMENT, **options}
     transform = train_transform(
-        size, s["crop_scale"], s["crop_ratio"], s["hflip"], s["color_jitter"], s["mean"], s["std"], "bilinear"
+        image_size=size,
+        crop_scale=s["crop_scale"],
+        crop_ratio=s["crop_ratio"],
+        hflip=s["hflip"],
+        color_jitter=s["color_jitter"],
+        mean=s["mean"],
+        std=s["std"],
+        interpolation="bilinear",
     )
 
     def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -196,12 +205,12 @@ def test_crops_respect_the_scale_range(path):
 
 
 def test_boxes_stay_inside_the_image_with_ratios_in_range():
-    boxes = fastdata.random_resized_boxes(2000, 30, 20, (0.08, 1.0), (3 / 4, 4 / 3), seeded(0))
+    boxes = batch_augment.random_resized_boxes(2000, 30, 20, (0.08, 1.0), (3 / 4, 4 / 3), seeded(0))
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert boxes[:, :2].min() >= 0 and boxes[:, 2].max() <= 20 and boxes[:, 3].max() <= 30
     assert (width / height).min() >= 3 / 4 - 1e-5 and (width / height).max() <= 4 / 3 + 1e-5
     # No attempt can fit (every box would be wider than the image): torchvision's centred fallback.
-    fallback = fastdata.random_resized_boxes(4, 10, 40, (1.0, 1.0), (1.0, 1.0), seeded(0))
+    fallback = batch_augment.random_resized_boxes(4, 10, 40, (1.0, 1.0), (1.0, 1.0), seeded(0))
     assert torch.allclose(fallback, torch.tensor([15.0, 0.0, 25.0, 10.0]).expand(4, 4))
 
 
@@ -210,7 +219,7 @@ def test_eval_path_equals_eval_transform(tmp_path):
     same torchvision resize and crop on the same image), and BatchEval then does ToDtype's x / 255 and
     Normalize's (x - mean) / std, the same float32 operations in the same order, element by element."""
     samples = noise_images(tmp_path, [(30, 22), (22, 35), (25, 25), (40, 31)], modes=("RGB", "L"))
-    spec = preprocessing_spec(16, 19, MEAN, STD, "bilinear")
+    spec = preprocessing_spec(image_size=16, resize_size=19, mean=MEAN, std=STD, interpolation="bilinear")
     expected = torch.stack([eval_transform(spec)(load_image(path)) for path, _ in samples])
     # Cached with the eval geometry (resize 19, crop 16): equal for any aspect ratio.
     images, _ = decode_split(samples, 19, "bilinear", crop=16, num_workers=0)
@@ -287,7 +296,9 @@ def test_fast_path_epochs_run_without_worker_processes(tmp_path):
     samples = noise_images(tmp_path, [(20, 24)] * 12)
     splits = Splits(classes=[str(i) for i in range(12)], train=samples[:8], val=samples[8:], test=[])
     data = DataConfig(root=tmp_path, image_size=16, resize_size=19, batch_size=4, num_workers=2)
-    preprocessing = preprocessing_spec(16, 19, MEAN, STD, "bilinear")
+    preprocessing = preprocessing_spec(
+        image_size=16, resize_size=19, mean=MEAN, std=STD, interpolation="bilinear"
+    )
     train_sampler, val_sampler = EpochSampler(8, shuffle=True, seed=0), EpochSampler(4, shuffle=False)
     before = child_pids()  # whatever an earlier test left running is not this loader's
     loaders = fastdata.make_tensor_loaders(

@@ -11,7 +11,7 @@ import torch
 import train
 from classifier import hardware
 from classifier.checkpoint import load_checkpoint
-from classifier.config import parse_cli
+from classifier.cli import parse_cli
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda:0")

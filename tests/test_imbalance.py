@@ -14,9 +14,11 @@ from torch.nn import functional as F
 
 import export
 from classifier import onnx_export
-from classifier.checkpoint import inference_weights, load_checkpoint, model_from_checkpoint
+from classifier.checkpoint import inference_weights, load_checkpoint
 from classifier.imbalance import logit_bias, rarest_classes, sampler_weights, training_prior
-from classifier.selection import pick_weights, rare_recall_text, update_best
+from classifier.models import model_from_checkpoint
+from classifier.runlog import rare_recall_text
+from classifier.selection import pick_weights, update_best
 
 COUNTS = torch.tensor([400, 100, 20, 20])
 
@@ -175,7 +177,8 @@ def test_sampler_and_logit_adjustment_end_to_end(fmnist_root, tmp_path, repo_roo
     folded = model.state_dict()
     assert folded.keys() == adjusted.keys() and all(torch.equal(folded[k], adjusted[k]) for k in adjusted)
 
-    from classifier.data import ImageDataset, build_splits, eval_transform
+    from classifier.data import ImageDataset, build_splits
+    from classifier.transforms import eval_transform
 
     cfg = state["config"]["data"]
     splits = build_splits(root, cfg["val_fraction"], 0, classes=state["classes"])

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import train
 from classifier.checkpoint import load_checkpoint
-from classifier.config import parse_cli
+from classifier.cli import parse_cli
 from classifier.losses import BatchMixer, build_criterion, soft_target_cross_entropy
 
 FAST = ["--data.image-size", "32", "--data.resize-size", "32", "--no-progress", "--log-every-steps", "1000"]
@@ -244,7 +244,7 @@ def test_training_with_mixup_and_cutmix_trains_on_the_mixed_batches(fmnist_small
             mixes.append((images, labels, mixed, targets))
             return mixed, targets
 
-    real_build_model, real_build_criterion = train.build_model, train.build_criterion
+    real_build_model, real_build_criterion = train.models.build_model, train.losses.build_criterion
 
     def build_model(*args, **kwargs):
         model = real_build_model(*args, **kwargs)
@@ -264,9 +264,9 @@ def test_training_with_mixup_and_cutmix_trains_on_the_mixed_batches(fmnist_small
 
         return recording
 
-    monkeypatch.setattr(train, "BatchMixer", RecordingMixer)
-    monkeypatch.setattr(train, "build_model", build_model)
-    monkeypatch.setattr(train, "build_criterion", build_criterion)
+    monkeypatch.setattr(train.losses, "BatchMixer", RecordingMixer)
+    monkeypatch.setattr(train.models, "build_model", build_model)
+    monkeypatch.setattr(train.losses, "build_criterion", build_criterion)
     root = uneven_copy(fmnist_small_root, tmp_path / "data")
     result = train.main(
         parse_cli(
@@ -373,9 +373,9 @@ def test_mixing_off_trains_exactly_as_plain_cross_entropy(fmnist_small_root, tmp
         def __call__(self, images, labels):
             return images, labels
 
-    monkeypatch.setattr(train, "BatchMixer", NoMixer)
+    monkeypatch.setattr(train.losses, "BatchMixer", NoMixer)
     monkeypatch.setattr(
-        train,
+        train.losses,
         "build_criterion",
         lambda weight, label_smoothing: nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing),
     )

@@ -119,7 +119,7 @@ def test_errors_grid(tmp_path):
 
 
 def test_reliability_figure_shows_each_bins_accuracy(tmp_path):
-    from classifier.evaluation import reliability_bins
+    from classifier.report import reliability_bins
 
     generator = torch.Generator().manual_seed(0)
     logits = 4 * torch.randn(400, 5, generator=generator)

@@ -19,7 +19,7 @@ from helpers import REPO_ROOT, run_script
 
 import train
 from classifier import checkpoint as ckpt
-from classifier.config import parse_cli
+from classifier.cli import parse_cli
 
 # mobilenet_v3_small at 32 px: small checkpoints, fast steps, and dropout (so RNG restore matters).
 SMALL = [
@@ -459,7 +459,7 @@ def test_fp16_nan_forward_stops_and_saves_nothing_nonfinite(fmnist_small_root, t
 def test_fp16_scaler_skipped_steps_are_counted_not_stopped_on(fmnist_small_root, tmp_path, monkeypatch):
     """An overflowing gradient with a finite loss is what the GradScaler is for: it skips that step and
     lowers its scale, and the run goes on, counting the skipped steps."""
-    real_build = train.build_model
+    real_build = train.models.build_model
     backward_calls = []
 
     def build_with_one_overflow(*args, **kw):
@@ -473,7 +473,7 @@ def test_fp16_scaler_skipped_steps_are_counted_not_stopped_on(fmnist_small_root,
         first.register_hook(third_overflows)  # the loss stays finite
         return model
 
-    monkeypatch.setattr(train, "build_model", build_with_one_overflow)
+    monkeypatch.setattr(train.models, "build_model", build_with_one_overflow)
     args = small_args(
         fmnist_small_root, tmp_path, "f16", "--epochs", "1", "--precision", "fp16", "--log-every-steps", "5"
     )
@@ -566,7 +566,7 @@ def test_fp16_resume_continues_the_gradscaler(fmnist_small_root, tmp_path, monke
         "--checkpoint-every-steps",
         "5",
     )
-    real_lr_at = train.lr_at
+    real_lr_at = train.optim.lr_at
     calls = []
 
     def lr_at_then_die(step, **kw):
@@ -575,10 +575,10 @@ def test_fp16_resume_continues_the_gradscaler(fmnist_small_root, tmp_path, monke
             raise KeyboardInterrupt
         return real_lr_at(step, **kw)
 
-    monkeypatch.setattr(train, "lr_at", lr_at_then_die)
+    monkeypatch.setattr(train.optim, "lr_at", lr_at_then_die)
     with pytest.raises(KeyboardInterrupt):
         train.main(parse_cli(args))
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(train.optim, "lr_at", real_lr_at)
     last = tmp_path / "f16" / "checkpoints" / "last.pt"
     state = ckpt.read_checkpoint(last)
     assert (
@@ -631,7 +631,7 @@ def test_a_nan_batch_is_named_within_log_every_steps(fmnist_small_root, tmp_path
 def test_nonfinite_weights_after_a_finite_loss_are_never_saved(fmnist_small_root, tmp_path, monkeypatch):
     """A BatchNorm statistic made NaN after the third training forward (its loss stays finite): the check
     before the next save names the tensor and stops, and no saved file holds it."""
-    real_build = train.build_model
+    real_build = train.models.build_model
     forwards = []
 
     def poison_after_third_forward(module, inputs, output) -> None:
@@ -646,7 +646,7 @@ def test_nonfinite_weights_after_a_finite_loss_are_never_saved(fmnist_small_root
         )
         return model
 
-    monkeypatch.setattr(train, "build_model", build_and_poison)
+    monkeypatch.setattr(train.models, "build_model", build_and_poison)
     args = small_args(fmnist_small_root, tmp_path, "w", "--epochs", "1", "--checkpoint-every-steps", "2")
     with pytest.raises(
         SystemExit, match=r"after step 4 the weights hold NaN/inf \(features\.0\.1\.running_var"

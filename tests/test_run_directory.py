@@ -26,7 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 from classifier import plots
 from classifier.checkpoint import load_checkpoint
-from classifier.config import parse_cli
+from classifier.cli import parse_cli
 from classifier.data import build_splits
 from classifier.ema import decay_per_step
 from classifier.imbalance import sampler_weights

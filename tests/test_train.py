@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import train
 from classifier.checkpoint import load_checkpoint
-from classifier.config import parse_cli
+from classifier.cli import parse_cli
 
 FAST = ["--data.image-size", "32", "--data.resize-size", "32", "--no-progress", "--log-every-steps", "1000"]
 
@@ -150,7 +150,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(path, fmnist_small_root, t
     straight = train.main(parse_cli([*common, "--name", "straight"]))
 
     calls = {"n": 0}
-    real_lr_at = train.lr_at
+    real_lr_at = train.optim.lr_at
 
     def lr_at_then_die(step, **kw):
         calls["n"] += 1
@@ -158,10 +158,10 @@ def test_interrupted_and_resumed_run_is_bit_identical(path, fmnist_small_root, t
             raise Interrupt
         return real_lr_at(step, **kw)
 
-    monkeypatch.setattr(train, "lr_at", lr_at_then_die)
+    monkeypatch.setattr(train.optim, "lr_at", lr_at_then_die)
     with pytest.raises(Interrupt):
         train.main(parse_cli([*common, "--name", "cut"]))
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(train.optim, "lr_at", real_lr_at)
     cut = load_checkpoint(tmp_path / "cut")
     assert (cut["epoch"], cut["batches_in_epoch"], cut["step"]) == (
         1,
@@ -189,7 +189,7 @@ def test_debug_mode_runs_the_overfit_check(fmnist_small_root, tmp_path, monkeypa
     """--debug: loaders in the main process, anomaly detection on while training (and off again after),
     a handful of batches, and the overfit check on a copy that leaves the model untouched."""
     seen = {"workers": [], "anomaly": []}
-    real_make_loader, real_overfit = train.make_loader, train.overfit_one_batch
+    real_make_loader, real_overfit = train.data.make_loader, train.faults.overfit_one_batch
 
     def make_loader(*args, **kw):
         seen["workers"].append(kw["num_workers"])
@@ -202,8 +202,8 @@ def test_debug_mode_runs_the_overfit_check(fmnist_small_root, tmp_path, monkeypa
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was trained
         return result
 
-    monkeypatch.setattr(train, "make_loader", make_loader)
-    monkeypatch.setattr(train, "overfit_one_batch", overfit_one_batch)
+    monkeypatch.setattr(train.data, "make_loader", make_loader)
+    monkeypatch.setattr(train.faults, "overfit_one_batch", overfit_one_batch)
     args = [
         "--debug",
         "--data.root",
@@ -230,7 +230,7 @@ def test_a_failed_overfit_check_stops_the_run_unless_told_to_continue(
     fmnist_small_root, tmp_path, monkeypatch
 ):
     cannot_learn = lambda model, images, labels: (2.30, 2.25)  # noqa: E731  first and last loss
-    monkeypatch.setattr(train, "overfit_one_batch", cannot_learn)
+    monkeypatch.setattr(train.faults, "overfit_one_batch", cannot_learn)
     args = [
         "--debug",
         "--data.root",
@@ -294,7 +294,7 @@ def test_mixed_precision_paths_run_on_cpu(precision, fmnist_small_root, tmp_path
     """bf16 autocast without a scaler; fp16 autocast with an enabled GradScaler, whose state is saved.
     The training forwards really run in that dtype: the model's logits come out in it."""
     logits_dtypes = set()
-    real_build = train.build_model
+    real_build = train.models.build_model
 
     def note_dtype(module, inputs, output) -> None:  # training forwards only: check_input_size's probe
         if module.training:  # runs in eval mode, outside autocast
@@ -305,7 +305,7 @@ def test_mixed_precision_paths_run_on_cpu(precision, fmnist_small_root, tmp_path
         model.register_forward_hook(note_dtype)
         return model
 
-    monkeypatch.setattr(train, "build_model", build_and_watch)
+    monkeypatch.setattr(train.models, "build_model", build_and_watch)
     result = train.main(
         parse_cli(
             [

@@ -3,7 +3,8 @@ balanced accuracy, AUROC, calibration, per-class precision/recall/F1, confusion,
 and the most confident errors.
 
 Inputs are whole-split tensors, so a PyTorch model and an ONNX graph are judged by the same code.
-Running models and writing files is evaluate.py's job.
+Running models and writing files is evaluate.py's job; the validation pass during training is
+validation.py's.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""torchmetrics collections and the validation pass.
+"""The validation pass during training (`validate`) and the torchmetrics collections it and the training
+steps fill; `batch_logits` is the inference loop it shares with calibration.py.
 
 One pattern everywhere: update in the step, compute and reset at epoch end. Under DDP torchmetrics
 gathers the states across ranks in compute(), and EpochSampler never pads evaluation data, so every
-validation image is counted exactly once.
+validation image is counted exactly once. The numbers of evaluate.py's report are report.py's.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def batch_logits(
 
 
 @torch.no_grad()
-def evaluate(
+def validate(
     model: nn.Module,
     loader: DataLoader,
     metrics: MetricCollection,

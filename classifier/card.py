@@ -1,0 +1,120 @@
+"""The facts that travel with a trained model, in one typed shape: the ModelCard.
+
+A consumer of the weights needs the class order as trained, the preprocessing, the architecture, which
+weights were kept (EMA or raw), the logit adjustment already folded into the head, the data split the
+numbers were measured on, and the fitted temperature. train.py builds the card once; the same object
+writes labels_mapping.json and best.safetensors' metadata (`to_mapping`), and export.py and evaluate.py
+read it back (`from_checkpoint`, `from_mapping`). How the weights themselves are stored is
+checkpoint.py's business; what the ONNX graph takes and returns is added by export.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from classifier.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Where the validation numbers come from: the run's data root, split by `val_fraction` with `seed`
+    (data.build_splits), so evaluate.py can rebuild the very same val split."""
+
+    root: str
+    val_fraction: float
+    seed: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    classes: tuple[str, ...]  # in training order: logit i is classes[i]
+    preprocessing: dict  # transforms.preprocessing_spec: resize, crop, mean, std, interpolation
+    model: str  # the --model name; with the two stem fields, enough for models.build_model
+    small_input_stem: bool
+    stem_stride: int
+    logit_adjustment: str  # the --logit-adjustment mode; the bias itself is already in the head
+    data: DataSplit
+    weights: str | None = None  # 'ema' or 'raw': the weights validation preferred; None before training
+    epoch: int | None = None  # the epoch these weights finished; None before training
+    temperature: float | None = None  # fitted on the val split; None: not fitted
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, classes: list[str], preprocessing: dict) -> ModelCard:
+        """The card of a run about to train: no weights chosen yet, no temperature."""
+        return cls(
+            classes=tuple(classes),
+            preprocessing=preprocessing,
+            model=cfg.model,
+            small_input_stem=cfg.small_input_stem,
+            stem_stride=cfg.stem_stride,
+            logit_adjustment=cfg.logit_adjustment,
+            data=DataSplit(root=str(cfg.data.root), val_fraction=cfg.data.val_fraction, seed=cfg.seed),
+        )
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, weights: str) -> ModelCard:
+        """The card of a checkpoint's `weights` ('ema' or 'raw', as checkpoint.inference_weights chose).
+        Its temperature is None unless calibration wrote one into this very file; its epoch is not
+        recorded (a checkpoint's "epoch" is the one a resume would start)."""
+        config = state["config"]
+        return cls(
+            classes=tuple(state["classes"]),
+            preprocessing=state["preprocessing"],
+            model=config["model"],
+            small_input_stem=config["small_input_stem"],
+            stem_stride=config["stem_stride"],
+            logit_adjustment=config["logit_adjustment"],
+            data=DataSplit(
+                root=config["data"]["root"],
+                val_fraction=config["data"]["val_fraction"],
+                seed=config["seed"],
+            ),
+            weights=weights,
+            temperature=state.get("temperature"),
+        )
+
+    @classmethod
+    def from_mapping(cls, mapping: dict) -> ModelCard:
+        """Inverse of to_mapping: read back a sidecar or safetensors metadata (already JSON-decoded). A
+        mapping that does not say its temperature was fitted is read as not fitted."""
+        fitted = mapping.get("temperature_fitted", False)
+        return cls(
+            classes=tuple(mapping["idx_to_class"][str(i)] for i in range(mapping["num_classes"])),
+            preprocessing=mapping["preprocessing"],
+            model=mapping["model"],
+            small_input_stem=mapping["small_input_stem"],
+            stem_stride=mapping["stem_stride"],
+            logit_adjustment=mapping["logit_adjustment"],
+            data=DataSplit(**mapping["data"]),
+            weights=mapping.get("weights"),
+            epoch=mapping.get("epoch"),
+            temperature=mapping.get("temperature") if fitted else None,
+        )
+
+    def chosen(self, *, weights: str, epoch: int) -> ModelCard:
+        """This card for the weights an epoch's validation kept."""
+        return dataclasses.replace(self, weights=weights, epoch=epoch)
+
+    def to_mapping(self) -> dict:
+        """labels_mapping.json's shape: class order both ways, preprocessing, architecture, data split;
+        weights, epoch and temperature only once they are known. Plain JSON-able data."""
+        mapping = {
+            "num_classes": len(self.classes),
+            "idx_to_class": {str(i): name for i, name in enumerate(self.classes)},
+            "class_to_idx": {name: i for i, name in enumerate(self.classes)},
+            "preprocessing": self.preprocessing,
+            "model": self.model,
+            "small_input_stem": self.small_input_stem,
+            "stem_stride": self.stem_stride,
+            "logit_adjustment": self.logit_adjustment,
+            "data": self.data.to_dict(),
+        }
+        if self.weights is not None:
+            mapping.update(weights=self.weights, epoch=self.epoch)
+        if self.temperature is not None:
+            mapping.update(temperature=self.temperature, temperature_fitted=True)
+        return mapping
