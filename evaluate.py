@@ -21,7 +21,7 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,10 +31,10 @@ import tyro
 from classifier import checkpoint as ckpt
 from classifier import files, models, plots
 from classifier.calibration import NO_TEMPERATURE
+from classifier.card import ModelCard
 from classifier.data import ImageDataset, build_splits, make_loader
 from classifier.images import load_image
 from classifier.onnx_export import (
-    classes_from_mapping,
     graph_input_transform,
     onnx_session,
     read_sidecar,
@@ -80,48 +80,39 @@ class EvalArgs:
 @dataclass
 class Classifier:
     """A model to judge, whichever runtime it lives in: `predict` maps a batch of what `transform` makes
-    of each uint8 image to float32 logits on the CPU."""
+    of each uint8 image to float32 logits on the CPU; `card` holds its classes, preprocessing, data split,
+    weights and temperature (None: none was fitted for these weights)."""
 
     predict: Callable[[torch.Tensor], torch.Tensor]
     transform: Callable[[torch.Tensor], torch.Tensor]
-    classes: list[str]
-    preprocessing: dict
-    data: dict  # root, val_fraction and seed of the run's split
+    card: ModelCard
     source: Path  # the file whose weights are used (for a checkpoint: the one load_checkpoint read)
     backend: str
-    weights: str
-    temperature: (
-        float | None
-    )  # None: none was fitted for these weights (an old run, or last.pt past the best epoch)
 
 
 def load_classifier(path: Path, device: str) -> Classifier:
     if path.suffix == ".onnx":
         sidecar = read_sidecar(path)
-        if "data" not in sidecar:
-            raise SystemExit(
-                f"error: {path}'s sidecar does not record the data split (export it with export.py)"
-            )
+        try:
+            card = ModelCard.from_mapping(sidecar)
+        except ValueError as err:
+            raise SystemExit(f"error: {path}'s sidecar: {err} (export it with export.py)") from None
+        if card.weights is None:  # a sidecar that does not say which weights it holds
+            card = replace(card, weights="unknown")
         session = onnx_session(path)
         return Classifier(
             predict=lambda images: torch.from_numpy(run_onnx(session, images, len(images))),
             transform=graph_input_transform(
                 sidecar.get("baked_preprocessing", "none"), sidecar["preprocessing"]
             ),
-            classes=classes_from_mapping(sidecar),
-            preprocessing=sidecar["preprocessing"],
-            data=sidecar["data"],
+            card=card,
             source=path,
             backend="onnxruntime",
-            weights=sidecar.get("weights", "unknown"),
-            # A sidecar that does not say its temperature was fitted is read as not fitted.
-            temperature=sidecar.get("temperature") if sidecar.get("temperature_fitted", False) else None,
         )
     state = ckpt.load_checkpoint(path)
     model, weights = models.model_from_checkpoint(state)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     model.to(device)
-    cfg = state["config"]
 
     @torch.no_grad()
     def predict(images: torch.Tensor) -> torch.Tensor:
@@ -130,13 +121,9 @@ def load_classifier(path: Path, device: str) -> Classifier:
     return Classifier(
         predict=predict,
         transform=eval_transform(state["preprocessing"]),
-        classes=list(state["classes"]),
-        preprocessing=state["preprocessing"],
-        data=dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]),
+        card=ModelCard.from_checkpoint(state, weights),
         source=Path(state["loaded_from"]),  # last.prev.pt when last.pt was unreadable
         backend="pytorch",
-        weights=weights,
-        temperature=state.get("temperature"),
     )
 
 
@@ -245,9 +232,10 @@ def write_pictures(
 
 def main(args: EvalArgs) -> dict:
     model = load_classifier(args.model, args.device)
-    root = args.data.root or Path(model.data["root"])
+    card, classes = model.card, list(model.card.classes)
+    root = args.data.root or Path(card.data.root)
     try:
-        splits = build_splits(root, model.data["val_fraction"], model.data["seed"], classes=model.classes)
+        splits = build_splits(root, card.data.val_fraction, card.data.seed, classes=classes)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: refusing to evaluate {model.source} on {root}:\n{err}") from None
     samples = splits.val if args.split == "val" else splits.test
@@ -271,30 +259,32 @@ def main(args: EvalArgs) -> dict:
     report = {
         "model": str(model.source),
         "backend": model.backend,
-        "weights": model.weights,
+        "weights": card.weights,
         "split": args.split,
         "data_root": str(root),
-        **compute_report(logits, labels, model.classes),
+        **compute_report(logits, labels, classes),
         # ece/nll as the logits give them, and *_calibrated after dividing by the model's temperature
-        **calibration_summary(logits, labels, model.temperature or NO_TEMPERATURE),
-        "temperature_fitted": model.temperature is not None,
+        **calibration_summary(logits, labels, card.temperature or NO_TEMPERATURE),
+        "temperature_fitted": card.temperature is not None,
     }
     write_tables(out, report, samples, logits, labels)
-    write_pictures(out, report, samples, logits, labels, model.preprocessing, args.errors)
+    write_pictures(out, report, samples, logits, labels, card.preprocessing, args.errors)
 
     top5 = f" | top-5 {report['top5']:.4f}" if report["top5"] is not None else ""
     print(
-        f"{model.backend} {model.source} on {args.split} ({len(samples)} images from {root}): top-1 {report['top1']:.4f}{top5} | "
-        f"macro F1 {report['macro_f1']:.4f} | balanced acc {report['balanced_accuracy']:.4f} | ECE {report['ece']:.4f}"
+        f"{model.backend} {model.source} on {args.split} ({len(samples)} images from {root}): "
+        f"top-1 {report['top1']:.4f}{top5} | macro F1 {report['macro_f1']:.4f} | "
+        f"balanced acc {report['balanced_accuracy']:.4f} | ECE {report['ece']:.4f}"
     )
-    if model.temperature is None:
+    if card.temperature is None:
         print(
-            f"calibration: no temperature stored with {model.source.name}: T = 1.0, probabilities uncalibrated | "
-            f"NLL {report['nll']:.4f}"
+            f"calibration: no temperature stored with {model.source.name}: T = 1.0, "
+            f"probabilities uncalibrated | NLL {report['nll']:.4f}"
         )
     else:
         print(
-            f"calibration: temperature {report['temperature']:.3f} | ECE {report['ece']:.4f} -> {report['ece_calibrated']:.4f} | "
+            f"calibration: temperature {report['temperature']:.3f} | "
+            f"ECE {report['ece']:.4f} -> {report['ece_calibrated']:.4f} | "
             f"NLL {report['nll']:.4f} -> {report['nll_calibrated']:.4f}"
         )
     worst = ", ".join(f"{r['class']} {r['f1']:.2f}" for r in worst_first(report["per_class"])[:5])

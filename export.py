@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -29,13 +29,13 @@ from torch import nn
 
 from classifier import checkpoint as ckpt
 from classifier import models
+from classifier.card import ModelCard
 from classifier.data import build_splits
 from classifier.images import load_image
 from classifier.models import build_model
 from classifier.onnx_export import (
     OPSET,
     OUTPUT_NAME,
-    classes_from_mapping,
     classes_sha256,
     decode_metadata,
     export_onnx,
@@ -69,106 +69,72 @@ class ExportArgs:
 # --- what is exported --------------------------------------------------------------------------------
 
 
-def load_source(path: Path) -> tuple[nn.Module, dict]:
-    """(model in eval mode with the validated weights, the facts the sidecar records) from a checkpoint,
-    a run directory or a .safetensors file."""
+@dataclass(frozen=True)
+class Source:
+    """What is exported: the model's card, and the file its weights were read from (for a run directory,
+    the one load_checkpoint read: last.prev.pt when last.pt was unreadable)."""
+
+    card: ModelCard
+    path: Path
+
+
+def load_source(path: Path) -> tuple[nn.Module, Source]:
+    """(model in eval mode with the validated weights, its card and file) from a checkpoint, a run
+    directory or a .safetensors file."""
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     state = ckpt.load_checkpoint(path)
     model, weights = models.model_from_checkpoint(state)
-    cfg = state["config"]
-    facts = dict(
-        classes=list(state["classes"]),
-        preprocessing=state["preprocessing"],
-        model_name=state["model_name"],
-        small_input_stem=cfg["small_input_stem"],
-        stem_stride=cfg.get("stem_stride", 1),
-        logit_adjustment=cfg.get("logit_adjustment", "none"),
-        weights=weights,
-        source=state["loaded_from"],  # the file read: last.prev.pt when last.pt was unreadable
-        data=dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"]),
-        temperature=state.get(
-            "temperature"
-        ),  # None: trained before calibration, or last.pt past best's epoch
-    )
-    return model, facts
+    return model, Source(ModelCard.from_checkpoint(state, weights), Path(state["loaded_from"]))
 
 
-def load_safetensors(path: Path) -> tuple[nn.Module, dict]:
-    """Class order and preprocessing come from the file's metadata. The architecture flag and the data
-    split come from there too when we exported the file, else from the run's config.json beside it
-    (train.py's best.safetensors)."""
+def load_safetensors(path: Path) -> tuple[nn.Module, Source]:
+    """The card from the file's metadata, as train.py's best.safetensors and our model.safetensors carry
+    it; a file without one is refused. A card that does not say which weights it holds reads 'unknown'."""
     with safe_open(str(path), "pt") as f:
         meta = decode_metadata(f.metadata() or {})
-    missing = [key for key in ("idx_to_class", "num_classes", "preprocessing", "model") if key not in meta]
-    if missing:
-        raise SystemExit(
-            f"error: {path} lacks the metadata keys {missing}; export from the .pt checkpoint instead"
-        )
-    if "small_input_stem" not in meta or "data" not in meta:
-        config_path = path.parent / "config.json"
-        if not config_path.is_file():
-            raise SystemExit(f"error: {path} does not say its architecture and no {config_path} is beside it")
-        cfg = json.loads(config_path.read_text())
-        meta.setdefault("small_input_stem", cfg["small_input_stem"])
-        meta.setdefault(
-            "data", dict(root=cfg["data"]["root"], val_fraction=cfg["data"]["val_fraction"], seed=cfg["seed"])
-        )
-    classes = classes_from_mapping(meta)
-    fitted = meta.get("temperature_fitted", False)  # a file that does not say is read as not fitted
-    meta.setdefault("stem_stride", 1)  # files written before the option existed
+    try:
+        card = ModelCard.from_mapping(meta)
+    except ValueError as err:
+        raise SystemExit(f"error: {path}: {err}; export from the .pt checkpoint instead") from None
+    if card.weights is None:
+        card = replace(card, weights="unknown")
     model = build_model(
-        meta["model"],
-        len(classes),
-        small_input_stem=meta["small_input_stem"],
-        stem_stride=meta["stem_stride"],
+        card.model, len(card.classes), small_input_stem=card.small_input_stem, stem_stride=card.stem_stride
     )
     model.load_state_dict(load_file(path))  # strict: a mismatched architecture fails here, loudly
-    facts = dict(
-        classes=classes,
-        preprocessing=meta["preprocessing"],
-        model_name=meta["model"],
-        small_input_stem=meta["small_input_stem"],
-        stem_stride=meta["stem_stride"],
-        logit_adjustment=meta.get("logit_adjustment", "none"),
-        weights=meta.get("weights", "unknown"),
-        source=str(path.resolve()),
-        data=meta["data"],
-        temperature=meta.get("temperature") if fitted else None,
-    )
-    return model.eval(), facts
+    return model.eval(), Source(card, path.resolve())
 
 
-def build_sidecar(facts: dict, input_kind: str) -> dict:
-    """labels_mapping.json: class order as trained, preprocessing, what the graph takes and returns, and
-    where it came from. The same dict goes into the ONNX and safetensors metadata."""
-    preprocessing, crop = dict(facts["preprocessing"]), facts["preprocessing"]["center_crop"]
-    graph_input = input_spec(input_kind, crop)
+def build_sidecar(source: Source, input_kind: str) -> dict:
+    """labels_mapping.json: the card (class order as trained, preprocessing, architecture, weights, the
+    logit adjustment already folded into the head's bias, the data split), and what the export adds: what
+    the graph takes and returns, where it came from, and the temperature with how to use it. The same dict
+    goes into the ONNX and safetensors metadata."""
+    card = source.card
+    preprocessing = dict(card.preprocessing)
+    graph_input = input_spec(input_kind, preprocessing["center_crop"])
     if input_kind != "none":  # describe what the consumer does, so nobody normalizes twice
         preprocessing.update(
             layout=graph_input["layout"], dtype="uint8", scale=graph_input["normalized_inside"]
         )
-    return ckpt.labels_mapping(
-        facts["classes"],
-        preprocessing,
-        facts["model_name"],
-        classes_sha256=classes_sha256(facts["classes"]),
-        weights=facts["weights"],
-        small_input_stem=facts["small_input_stem"],
-        stem_stride=facts["stem_stride"],
-        logit_adjustment=facts["logit_adjustment"],  # already folded into the head's bias: nothing to do
-        source_checkpoint=facts["source"],
-        baked_preprocessing=input_kind,
-        input=graph_input,
-        output={
+    # No epoch: a checkpoint does not record the one its weights finished, so the sidecar of a .pt and of
+    # a .safetensors source hold the same keys.
+    sidecar = replace(card, preprocessing=preprocessing, epoch=None).to_mapping()
+    return {
+        **sidecar,
+        "classes_sha256": classes_sha256(list(card.classes)),
+        "source_checkpoint": str(source.path),
+        "baked_preprocessing": input_kind,
+        "input": graph_input,
+        "output": {
             "name": OUTPUT_NAME,
-            "shape": ["batch", len(facts["classes"])],
+            "shape": ["batch", len(card.classes)],
             "meaning": "raw logits; probabilities = softmax(logits / temperature)",
         },
-        data=facts["data"],
-        **temperature_facts(facts.get("temperature")),
-        exporter=f"torch {torch.__version__} dynamo exporter, ONNX opset {OPSET}",
-    )
+        **temperature_facts(card.temperature),
+        "exporter": f"torch {torch.__version__} dynamo exporter, ONNX opset {OPSET}",
+    }
 
 
 def temperature_facts(temperature: float | None) -> dict:
@@ -176,8 +142,8 @@ def temperature_facts(temperature: float | None) -> dict:
     it (argmax, and so every accuracy number, is the same either way); a source without one gets 1.0."""
     if temperature is None:
         note = (
-            "no temperature was fitted for these weights (a checkpoint from before calibration, or not best.pt): "
-            "1.0, probabilities = softmax(logits) are uncalibrated"
+            "no temperature was fitted for these weights (a checkpoint from before calibration, "
+            "or not best.pt): 1.0, probabilities = softmax(logits) are uncalibrated"
         )
         return {"temperature": 1.0, "temperature_fitted": False, "temperature_note": note}
     note = (
@@ -225,24 +191,23 @@ def verification_images(
 
 
 def main(args: ExportArgs) -> Path:
-    model, facts = load_source(args.checkpoint)
-    source = Path(facts["source"])
-    out = args.out or source.parent / f"{source.stem}-export"
-    preprocessing, data = facts["preprocessing"], facts["data"]
+    model, source = load_source(args.checkpoint)
+    card = source.card
+    out = args.out or source.path.parent / f"{source.path.stem}-export"
     images, note = verification_images(
-        args.data_root or Path(data["root"]),
-        facts["classes"],
-        data["val_fraction"],
-        data["seed"],
+        args.data_root or Path(card.data.root),
+        list(card.classes),
+        card.data.val_fraction,
+        card.data.seed,
         args.batch_size,
-        preprocessing["resize_shorter_side"],
+        card.preprocessing["resize_shorter_side"],
         root_given=args.data_root is not None,
     )
     synthetic = note.startswith("NOTE")
     print(note, file=sys.stderr if synthetic else sys.stdout)
-    sidecar = build_sidecar(facts, args.bake_preprocessing)
-    module = graph_module(model, args.bake_preprocessing, preprocessing)
-    to_graph = graph_input_transform(args.bake_preprocessing, preprocessing)
+    sidecar = build_sidecar(source, args.bake_preprocessing)
+    module = graph_module(model, args.bake_preprocessing, card.preprocessing)
+    to_graph = graph_input_transform(args.bake_preprocessing, card.preprocessing)
     example = torch.stack([to_graph(image) for image in images[:2]])
 
     # Everything is written under temporary names and renamed only after verification passed, so a failed
@@ -262,13 +227,13 @@ def main(args: ExportArgs) -> Path:
             model,
             images,
             input_kind=args.bake_preprocessing,
-            preprocessing=preprocessing,
+            preprocessing=card.preprocessing,
             batch_sizes=(1, min(args.batch_size, len(images))),
             atol=args.atol,
         )
         if not passed:
             raise SystemExit(
-                f"error: ONNX Runtime disagrees with PyTorch on {source}'s export (see above); "
+                f"error: ONNX Runtime disagrees with PyTorch on {source.path}'s export (see above); "
                 f"the export was discarded, nothing new in {out}"
             )
         temp["labels_mapping.json"].write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -284,9 +249,11 @@ def main(args: ExportArgs) -> Path:
     size_mb = (out / "model.onnx").stat().st_size / 2**20
     graph_input = sidecar["input"]
     print(
-        f"wrote {out}/model.onnx ({size_mb:.1f} MB), labels_mapping.json, model.safetensors | {facts['weights']} weights | "
+        f"wrote {out}/model.onnx ({size_mb:.1f} MB), labels_mapping.json, model.safetensors | "
+        f"{sidecar['weights']} weights | "
         f"{graph_input['name']} {graph_input['dtype']} {graph_input['layout']} {graph_input['shape']} -> "
-        f"{OUTPUT_NAME} {sidecar['output']['shape']} | {len(facts['classes'])} classes | temperature {sidecar['temperature']:.3f}"
+        f"{OUTPUT_NAME} {sidecar['output']['shape']} | {len(card.classes)} classes | "
+        f"temperature {sidecar['temperature']:.3f}"
         + ("" if sidecar["temperature_fitted"] else " (none fitted: uncalibrated)")
     )
     return out

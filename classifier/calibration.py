@@ -129,7 +129,8 @@ def calibrate_best(
     distributed.barrier()  # no rank leaves (and no reader looks) before the files hold T
     log.print(
         f"calibration: temperature {temperature:.3f} on {len(targets)} val images (best.pt, epoch "
-        f"{state['best']['epoch']}) | ECE {s['ece']:.4f} -> {s['ece_calibrated']:.4f} | NLL {s['nll']:.4f} -> {s['nll_calibrated']:.4f}"
+        f"{state['best']['epoch']}) | ECE {s['ece']:.4f} -> {s['ece_calibrated']:.4f} | "
+        f"NLL {s['nll']:.4f} -> {s['nll_calibrated']:.4f}"
     )
     return temperature
 

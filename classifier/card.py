@@ -29,6 +29,19 @@ class DataSplit:
         return dataclasses.asdict(self)
 
 
+# What every mapping of a card holds; weights, epoch and temperature only once they are known.
+MAPPING_KEYS = (
+    "num_classes",
+    "idx_to_class",
+    "preprocessing",
+    "model",
+    "small_input_stem",
+    "stem_stride",
+    "logit_adjustment",
+    "data",
+)
+
+
 @dataclass(frozen=True)
 class ModelCard:
     classes: tuple[str, ...]  # in training order: logit i is classes[i]
@@ -80,10 +93,15 @@ class ModelCard:
     @classmethod
     def from_mapping(cls, mapping: dict) -> ModelCard:
         """Inverse of to_mapping: read back a sidecar or safetensors metadata (already JSON-decoded). A
-        mapping that does not say its temperature was fitted is read as not fitted."""
+        mapping without one of MAPPING_KEYS is refused (ValueError naming them): there is no other place
+        to read the architecture or the data split from. A mapping that does not say its temperature was
+        fitted is read as not fitted."""
+        missing = [key for key in MAPPING_KEYS if key not in mapping]
+        if missing:
+            raise ValueError(f"a model card needs the keys {missing}")
         fitted = mapping.get("temperature_fitted", False)
         return cls(
-            classes=tuple(mapping["idx_to_class"][str(i)] for i in range(mapping["num_classes"])),
+            classes=tuple(classes_from_mapping(mapping)),
             preprocessing=mapping["preprocessing"],
             model=mapping["model"],
             small_input_stem=mapping["small_input_stem"],
@@ -114,7 +132,19 @@ class ModelCard:
             "data": self.data.to_dict(),
         }
         if self.weights is not None:
-            mapping.update(weights=self.weights, epoch=self.epoch)
+            mapping["weights"] = self.weights
+        if self.epoch is not None:
+            mapping["epoch"] = self.epoch
         if self.temperature is not None:
             mapping.update(temperature=self.temperature, temperature_fitted=True)
         return mapping
+
+
+def classes_from_mapping(mapping: dict) -> list[str]:
+    """Class names in index order from a sidecar's idx_to_class. Keys are strings: sorting them as text
+    would put "10" before "2", so they are sorted as integers."""
+    idx_to_class = mapping["idx_to_class"]
+    order = sorted(idx_to_class, key=int)
+    if [int(k) for k in order] != list(range(len(order))) or len(order) != mapping["num_classes"]:
+        raise ValueError(f"idx_to_class must map 0..{mapping['num_classes'] - 1}, got keys {order}")
+    return [idx_to_class[k] for k in order]

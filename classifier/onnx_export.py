@@ -136,16 +136,6 @@ def onnx_metadata(proto: onnx.ModelProto) -> dict:
     return decode_metadata({p.key: p.value for p in proto.metadata_props})
 
 
-def classes_from_mapping(mapping: dict) -> list[str]:
-    """Class names in index order from a sidecar's idx_to_class. Keys are strings: sorting them as text
-    would put "10" before "2", so they are sorted as integers."""
-    idx_to_class = mapping["idx_to_class"]
-    order = sorted(idx_to_class, key=int)
-    if [int(k) for k in order] != list(range(len(order))) or len(order) != mapping["num_classes"]:
-        raise ValueError(f"idx_to_class must map 0..{mapping['num_classes'] - 1}, got keys {order}")
-    return [idx_to_class[k] for k in order]
-
-
 def classes_sha256(classes: list[str]) -> str:
     """Hash of the class list in index order (names joined by newlines, UTF-8): one string a consumer
     can compare to catch a reordered or edited class list."""
@@ -199,8 +189,10 @@ def verify_onnx(
         passed = agree == len(images) and max_diff <= atol
         ok &= passed
         print(
-            f"verify batch {batch_size:>3}: {len(images)} images | max |logit diff| {max_diff:.2e} (atol {atol:.0e}) | "
-            f"top-1 agreement {agree}/{len(images)} ({100 * agree / len(images):.1f}%) | {'ok' if passed else 'FAILED'}"
+            f"verify batch {batch_size:>3}: {len(images)} images | "
+            f"max |logit diff| {max_diff:.2e} (atol {atol:.0e}) | "
+            f"top-1 agreement {agree}/{len(images)} ({100 * agree / len(images):.1f}%) | "
+            f"{'ok' if passed else 'FAILED'}"
         )
     return ok
 

@@ -130,7 +130,7 @@ def test_reports_calibration_with_the_checkpoints_temperature(run_and_onnx, chec
         (fit["val_ece_before"], fit["val_ece_after"]), abs=1e-4
     )
 
-    # A checkpoint from before calibration existed: T = 1.0, said so, and nothing changes.
+    # A checkpoint without a fitted temperature: T = 1.0, said so, and nothing changes.
     old = {k: v for k, v in best.items() if k not in ("temperature", "temperature_fit")}
     ckpt.save_checkpoint(old, tmp_path / "old.pt")
     old_report = evaluate.main(evaluate.EvalArgs(tmp_path / "old.pt", split="val"))
@@ -182,7 +182,7 @@ def test_onnx_sidecar_without_the_temperature_flag_is_read_as_not_fitted(run_and
     assert sidecar.pop("temperature_fitted") is True and sidecar["temperature"] != 1.0
     (tmp_path / "labels_mapping.json").write_text(json.dumps(sidecar))
     (tmp_path / "model.onnx").symlink_to(onnx_path)
-    assert evaluate.load_classifier(tmp_path / "model.onnx", "cpu").temperature is None
+    assert evaluate.load_classifier(tmp_path / "model.onnx", "cpu").card.temperature is None
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "onnx"])

@@ -24,14 +24,16 @@ from safetensors.torch import load_file
 import export
 from classifier import checkpoint as ckpt
 from classifier import models, onnx_export
+from classifier.card import classes_from_mapping
 from classifier.data import build_splits
 from classifier.fashion_mnist import CLASSES
 from classifier.images import load_image
 from classifier.transforms import eval_resize_crop, eval_transform
 
-# SGD: AdamW's step over ResNet18's 11M parameters costs over a second on this CPU; the optimizer is not under test.
-TINY_RUN = ["--model", "resnet18", "--epochs", "1", "--data.num-workers", "0", "--ema-half-life-epochs", "0.1",
-            "--optim.optimizer", "sgd", "--no-progress"]  # fmt: skip
+# SGD: AdamW's step over ResNet18's 11M parameters costs over a second on this CPU; the optimizer is not
+# under test.
+TINY_RUN = ["--model", "resnet18", "--epochs", "1", "--data.num-workers", "0",
+            "--ema-half-life-epochs", "0.1", "--optim.optimizer", "sgd", "--no-progress"]  # fmt: skip
 
 
 def train_tiny_run(root: Path, out_dir: Path, *flags: str) -> Path:
@@ -105,7 +107,7 @@ def exported(fmnist_run, tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def fmnist_best(fmnist_run) -> tuple[dict, torch.nn.Module]:
-    """best.pt and the model rebuilt from it (the EMA weights, eval mode), loaded once."""
+    """best.pt and the model rebuilt from it (the weights its validation chose, eval mode), loaded once."""
     state = ckpt.load_checkpoint(fmnist_run / "checkpoints" / "best.pt")
     return state, models.model_from_checkpoint(state)[0]
 
@@ -173,7 +175,7 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
     state, _ = fmnist_best
     sidecar = json.loads((out / "labels_mapping.json").read_text())
 
-    assert onnx_export.classes_from_mapping(sidecar) == state["classes"]
+    assert classes_from_mapping(sidecar) == state["classes"]
     assert sidecar["classes_sha256"] == onnx_export.classes_sha256(state["classes"])
     assert sidecar["preprocessing"] == state["preprocessing"]
     assert sidecar["weights"] == "ema" and sidecar["data"]["seed"] == 0
@@ -199,7 +201,7 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert onnx_export.decode_metadata(f.metadata()) == sidecar
 
-    # The EMA weights, the ones validated and checkpointed as best, not the raw model's.
+    # The weights best.pt records as the winner (here the EMA's), not the raw model's.
     ema_weights, which = ckpt.inference_weights(state)
     saved = load_file(out / "model.safetensors")
     assert which == "ema" and saved.keys() == ema_weights.keys()
@@ -208,20 +210,20 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
 
 
 def test_temperature_from_every_source(fmnist_run, fmnist_best, tmp_path):
-    """best.safetensors carries train.py's T; a checkpoint from before calibration gets 1.0, marked unfitted,
-    and an export of that keeps saying so."""
+    """best.safetensors carries train.py's T; a checkpoint without a temperature gets 1.0, marked
+    unfitted, and an export of that keeps saying so."""
     state, _ = fmnist_best
-    _, facts = export.load_source(fmnist_run / "best.safetensors")
-    assert facts["temperature"] == state["temperature"]
-    assert export.build_sidecar(facts, "none")["temperature"] == state["temperature"]
+    _, source = export.load_source(fmnist_run / "best.safetensors")
+    assert source.card.temperature == state["temperature"]
+    assert export.build_sidecar(source, "none")["temperature"] == state["temperature"]
 
     ckpt.save_checkpoint({k: v for k, v in state.items() if k != "temperature"}, tmp_path / "old.pt")
-    model, facts = export.load_source(tmp_path / "old.pt")
-    sidecar = export.build_sidecar(facts, "none")
+    model, source = export.load_source(tmp_path / "old.pt")
+    sidecar = export.build_sidecar(source, "none")
     assert (sidecar["temperature"], sidecar["temperature_fitted"]) == (1.0, False)
     assert "no temperature was fitted" in sidecar["temperature_note"]
     ckpt.save_safetensors(model.state_dict(), tmp_path / "old.safetensors", sidecar)
-    assert export.load_source(tmp_path / "old.safetensors")[1]["temperature"] is None
+    assert export.load_source(tmp_path / "old.safetensors")[1].card.temperature is None
 
 
 def test_a_missing_temperature_flag_reads_as_not_fitted(exported, tmp_path):
@@ -231,7 +233,7 @@ def test_a_missing_temperature_flag_reads_as_not_fitted(exported, tmp_path):
     metadata = safetensors_metadata(out / "model.safetensors")
     assert metadata.pop("temperature_fitted") is True and metadata["temperature"] != 1.0
     unflagged = copy_with_metadata(out / "model.safetensors", tmp_path / "unflagged.safetensors", metadata)
-    assert export.load_source(unflagged)[1]["temperature"] is None
+    assert export.load_source(unflagged)[1].card.temperature is None
 
 
 @pytest.mark.parametrize("layout", ["uint8-nchw", "uint8-nhwc"])
@@ -444,9 +446,9 @@ def test_classes_from_mapping_orders_indices_as_numbers():
     keys = list(range(12))
     random.Random(0).shuffle(keys)
     mapping = {"num_classes": 12, "idx_to_class": {str(i): names[i] for i in keys}}
-    assert onnx_export.classes_from_mapping(mapping) == names  # "10" and "11" after "9", not after "1"
+    assert classes_from_mapping(mapping) == names  # "10" and "11" after "9", not after "1"
     with pytest.raises(ValueError, match="0..12"):
-        onnx_export.classes_from_mapping({"num_classes": 13, "idx_to_class": mapping["idx_to_class"]})
+        classes_from_mapping({"num_classes": 13, "idx_to_class": mapping["idx_to_class"]})
 
 
 # --- numeric class names -----------------------------------------------------------------------------
@@ -462,8 +464,9 @@ def numeric_run(tmp_path_factory) -> Path:
         for i in range(6):
             pixels = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8) + np.uint8(80 * label)
             Image.fromarray(pixels).save(root / "train" / name / f"{i}.png")
-    flags = ["--small-input-stem", "--data.image-size", "16", "--data.resize-size", "16", "--data.batch-size", "8",
-             "--data.max-train-batches", "1", "--data.val-fraction", "0.34"]  # fmt: skip
+    flags = ["--small-input-stem", "--data.image-size", "16", "--data.resize-size", "16",
+             "--data.batch-size", "8", "--data.max-train-batches", "1",
+             "--data.val-fraction", "0.34"]  # fmt: skip
     return train_tiny_run(root, tmp_path_factory.mktemp("numeric-run"), *flags)
 
 
@@ -488,7 +491,7 @@ def test_numeric_class_names_keep_training_order(numeric_run, numeric_export):
     sidecar = json.loads((out / "labels_mapping.json").read_text())
     assert sidecar["idx_to_class"] == {"0": "2", "1": "7", "2": "10"}
     assert sidecar["class_to_idx"] == {"2": 0, "7": 1, "10": 2}
-    assert onnx_export.classes_from_mapping(sidecar) == state["classes"]
+    assert classes_from_mapping(sidecar) == state["classes"]
     assert sidecar["small_input_stem"] is True
     assert onnx_export.read_onnx_metadata(out / "model.onnx")["idx_to_class"] == sidecar["idx_to_class"]
 
@@ -542,10 +545,10 @@ def test_small_resnet_exports_and_agrees_with_pytorch(fmnist_small_root, tmp_pat
 
 def test_onnx_runtime_matches_resnet18_as_closely_as_the_atol_doc_says(tmp_path):
     """export.py's --atol doc: "ORT matches ResNet18 to ~2e-6". A randomly initialized ResNet18 at 64 px,
-    exported by export_onnx, measured 0.9e-6 max |logit diff| at batch 1 and 8 when this was written
-    (0.9-1.2e-6 over seeds 0-2); 1e-5 leaves room for other CPUs and ORT versions. Catches an exporter or
-    runtime change that loses an order of magnitude of precision: far inside the default --atol 1e-3, so
-    no export would notice it."""
+    exported by export_onnx, measured 0.9e-6 max |logit diff| at batch 1 and 8 (0.9-1.2e-6 over seeds
+    0-2); 1e-5 leaves room for other CPUs and ORT versions. Catches an exporter or runtime change that
+    loses an order of magnitude of precision: far inside the default --atol 1e-3, so no export would
+    notice it."""
     from classifier.models import build_model
 
     with torch.random.fork_rng():  # the weights and inputs are seeded; the suite's global RNG is left alone
