@@ -32,9 +32,12 @@ demo-steps: venv data
 	$(PY) train.py $(DEMO_ARGS)
 	@echo "demo run written to runs/demo/ (metrics.jsonl, checkpoints/, plots/); view: tensorboard --logdir runs"
 
+# The lint runs first: a line over 110 characters or an unformatted file fails `make test`, so CI.
 # pytest's exit code 5 (no tests collected) fails this target like any other non-zero exit.
-test: venv
+test: lint
 	$(PY) -m pytest -q
 
+# ruff check: errors, imports, line length (110, pyproject.toml); ruff format --check: the layout.
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import random
 import time
 from contextlib import ExitStack, nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from classifier import (
     models,
     optim,
     plots,
+    resume,
     runlog,
     selection,
     transforms,
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     resumed = None
     if cfg.resume is not None:
         resumed = checkpoint.load_checkpoint(cfg.resume)
-        checkpoint.check_resumable(resumed, resumed["loaded_from"])
+        resume.check_resumable(resumed, resumed["loaded_from"])
     run_dir = cli.run_directory(cfg, resumed)
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if dist_info.is_main:
@@ -86,87 +87,27 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     on_exit.callback(torch.autograd.set_detect_anomaly, torch.is_anomaly_enabled())  # as it was, after
     torch.autograd.set_detect_anomaly(cfg.debug)  # slow; names the op that produced a NaN gradient
 
-    # Hardware-dependent settings: 'auto' resolved for this machine. Each choice and its reason is
-    # printed here and written to config.json (classifier/hardware.py).
-    precision = hardware.resolve_precision(cfg.precision, device)
-    channels_last = hardware.resolve_channels_last(cfg.channels_last, device, precision.value)
-    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    num_workers = hardware.resolve_num_workers(cfg.data.num_workers, processes_per_node)
-    choices = {"precision": precision, "channels_last": channels_last, "num_workers": num_workers}
-    requested = {  # the flags as given, recorded in config.json beside what they became
-        "precision": cfg.precision,
-        "channels_last": cfg.channels_last,
-        "num_workers": cfg.data.num_workers,
-    }
+    # 'auto' settings resolved for this machine (classifier/hardware.py); each choice and its reason is
+    # printed here and written to config.json.
+    choices = hardware.resolve_settings(cfg, device)
     for name, choice in choices.items():
         log.print(choice.line(name))
+    precision = choices["precision"].value  # 'fp32', 'bf16' or 'fp16'
+    channels_last = choices["channels_last"].value
+    num_workers = choices["num_workers"].value
     if resumed is not None:
-        checkpoint.check_resumed_precision(resumed, precision.value, cfg.accept_config_changes)
-        checkpoint.check_resumed_rng(resumed, cfg.accept_config_changes)
+        resume.check_resumed_precision(resumed, precision, cfg.accept_config_changes)
+        resume.check_resumed_rng(resumed, cfg.accept_config_changes)
 
     # --- data: one class mapping from train/, separate datasets per split ----------------------------
-    try:
-        splits = data.build_splits(
-            cfg.data.root,
-            cfg.data.val_fraction,
-            cfg.seed,
-            classes=resumed["classes"] if resumed is not None else None,
-        )
-    except (FileNotFoundError, ValueError) as err:  # each names the root, folder or class at fault
-        raise SystemExit(f"error: {err}") from None
+    splits, counts, data_fingerprint = read_data(cfg, resumed, dist_info, run_dir, num_workers, log)
     classes, num_classes = splits.classes, len(splits.classes)
-    if not distributed.all_equal(classes):
-        raise SystemExit(
-            f"error: the ranks read different class folders from {cfg.data.root}; "
-            "is it the same data on every node?"
-        )
-    if cfg.data.scan_images:  # decode every file once now, rather than crash in a worker in epoch 3
-        splits = data.drop_unreadable(
-            splits,
-            cfg.data.root,
-            skip=cfg.data.skip_bad_images,
-            workers=max(1, num_workers.value),
-            rank=dist_info.rank,
-            world_size=world,
-            report=run_dir / "bad_images.txt" if dist_info.is_main else None,
-            log=log.print,
-        )
-    counts = {
-        split: data.class_counts(getattr(splits, split), num_classes) for split in ("train", "val", "test")
-    }
-    data_fingerprint = data.fingerprint(splits)
-    if resumed is not None:
-        checkpoint.check_resumed_files(
-            resumed, data_fingerprint, cfg.data.root, cfg.accept_config_changes, log=log.print
-        )
-    log.print(data.class_table(classes, counts))
-
-    preprocessing = transforms.preprocessing_spec(
-        image_size=cfg.data.image_size,
-        resize_size=cfg.data.resize_size,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
-        interpolation=cfg.data.interpolation,
-    )
-    augment = transforms.train_transform(
-        image_size=cfg.data.image_size,
-        crop_scale=cfg.data.crop_scale,
-        crop_ratio=cfg.data.crop_ratio,
-        hflip=cfg.data.hflip,
-        color_jitter=cfg.data.color_jitter,
-        mean=cfg.data.mean,
-        std=cfg.data.std,
-        interpolation=cfg.data.interpolation,
-        auto_augment=cfg.data.auto_augment,
-        randaugment_num_ops=cfg.data.randaugment_num_ops,
-        randaugment_magnitude=cfg.data.randaugment_magnitude,
-        random_erasing=cfg.data.random_erasing,
-    )
-    train_set = data.ImageDataset(splits.train, augment)
+    preprocessing = transforms.preprocessing_for(cfg.data)  # what evaluation and the export do too
+    train_set = data.ImageDataset(splits.train, transforms.augmentation_for(cfg.data))
     val_set = data.ImageDataset(splits.val, transforms.eval_transform(preprocessing))
-    train_labels = torch.tensor([label for _, label in splits.train])
     sample_weights = None
-    if cfg.data.weighted_sampler:
+    if cfg.data.weighted_sampler:  # rarer classes drawn more often (--data.sampler-alpha)
+        train_labels = torch.tensor([label for _, label in splits.train])
         sample_weights = imbalance.sampler_weights(train_labels, counts["train"], cfg.data.sampler_alpha)
     train_sampler = EpochSampler(
         len(train_set),
@@ -177,7 +118,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         world_size=world,
     )
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=dist_info.rank, world_size=world)
-    workers = 0 if cfg.debug else num_workers.value  # main-process loading: breakpoints in data code work
+    workers = 0 if cfg.debug else num_workers  # main-process loading: breakpoints in data code work
     loader_args = dict(batch_size=cfg.data.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     if cfg.data.fast_path:  # decoded once into tensors, augmented a batch at a time on the device
         train_loader, val_loader = fastdata.make_tensor_loaders(
@@ -187,7 +128,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             cfg.data,
             preprocessing,
             device=device,
-            channels_last=channels_last.value,
+            channels_last=channels_last,
             workers=workers,
             progress=cfg.progress and dist_info.is_main,
         )
@@ -234,15 +175,10 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         log=log.print,  # the "pretrained: ..." line, from rank 0 only
     )
     models.check_input_size(model, cfg.data.image_size, cfg.model)
-    memory_format = torch.channels_last if channels_last.value else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema = build_ema(model, cfg.ema_half_life_epochs, steps_per_epoch, cfg.epochs)
-    fine_tuning = cfg.pretrained is not None
-    peak_lr = cfg.optim.lr or optim.default_lr(cfg.optim.optimizer, pretrained=fine_tuning)
-    if cfg.optim.lr:
-        lr_source = "--optim.lr or the preset"
-    else:
-        lr_source = f"{cfg.optim.optimizer} default {'for fine-tuning' if fine_tuning else 'from scratch'}"
+    peak_lr, lr_source = optim.peak_lr(cfg.optim, fine_tuning=cfg.pretrained is not None)
     optimizer = optim.build_optimizer(
         model,
         cfg.optim.optimizer,
@@ -261,7 +197,6 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         cfg.data.sampler_alpha if cfg.data.weighted_sampler else None,
         loss_weights,
     )
-    adjust_on_device = adjust.to(device) if adjust is not None else None
     rare = imbalance.rarest_classes(counts["train"])  # their recall goes next to top-1 in the log
     # Int labels: the plain nn.CrossEntropyLoss; MixUp/CutMix soft targets: the same weights and smoothing.
     criterion = losses.build_criterion(weight=loss_weights, label_smoothing=cfg.optim.label_smoothing)
@@ -273,9 +208,9 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     )
     # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and needs none. A
     # disabled scaler is a pass-through, so the step below has one path for every precision.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.value == "fp16")
-    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision.value]
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=precision.value != "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    amp_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=precision != "fp32")
     train_metrics = {name: m.to(device) for name, m in validation.build_train_metrics(num_classes).items()}
     val_metrics = validation.build_val_metrics(num_classes).to(device)
 
@@ -324,7 +259,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         "model_name": cfg.model,
         "dataset": data_fingerprint,
         "logit_bias": adjust.tolist() if adjust is not None else None,
-        "precision": precision.value,
+        "precision": precision,
     }
     checkpoint_of = functools.partial(
         checkpoint.make_state,
@@ -353,14 +288,14 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
                 "loss_class_weights": loss_weights.tolist() if loss_weights is not None else None,
                 "logit_bias": run_facts["logit_bias"],
             },
-            resolved={name: choice.record(requested[name]) for name, choice in choices.items()},
+            resolved=hardware.settings_record(cfg, choices),
             machine=hardware.describe(),
             dataset=data_fingerprint,
         )
     log.print(
         f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
         f"global batch {global_batch} | {steps_per_epoch} steps/epoch | "
-        f"peak lr {peak_lr:.1e} ({lr_source}) | {device} {precision.value}"
+        f"peak lr {peak_lr:.1e} ({lr_source}) | {device} {precision}"
     )
     if dist_info.is_main and resumed is None:  # what the model sees; draws from no RNG and no iterator
         images, labels = data.peek_batch(train_loader, 64)
@@ -397,6 +332,15 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         schedule=cfg.optim.schedule,
         milestones=milestones,
         gamma=cfg.optim.gamma,
+    )
+    validate = functools.partial(
+        validation.validate,
+        loader=val_loader,
+        metrics=val_metrics,
+        device=device,
+        autocast=autocast,
+        channels_last=channels_last,
+        logit_bias=adjust.to(device) if adjust is not None else None,
     )
     lr = lr_schedule(state.step)
     first_epoch = state.epoch
@@ -478,17 +422,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}", img_s=f"{rate:.0f}")
                 if not cfg.progress:
                     log.print(runlog.step_line(state, total_steps, loss_value, lr, rate))
-                log.scalars(
-                    state.step,
-                    {
-                        "loss": loss_value,
-                        "lr": lr,
-                        "images_per_s": rate,
-                        "skipped_nonfinite": state.skipped_nonfinite,
-                        "scaler_skipped_steps": state.scaler_skipped,
-                    },
-                    prefix="train/",
-                )
+                log.scalars(state.step, runlog.step_scalars(state, loss_value, lr, rate))
             # plumbing: signals. An all-reduce under DDP, so that every rank stops at the same step.
             stopping = stop.requested(device)
             every = cfg.checkpoint_every_steps
@@ -520,18 +454,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             distributed.broadcast_buffers(ema)
         # Validate the EMA and the raw weights alike; the better one by select_metric is this epoch's.
         candidates = {"ema": ema.module, "raw": model} if ema is not None else {"raw": model}
-        results = {
-            which: validation.validate(
-                weights,
-                val_loader,
-                val_metrics,
-                device=device,
-                autocast=autocast,
-                channels_last=channels_last.value,
-                logit_bias=adjust_on_device,
-            )
-            for which, weights in candidates.items()
-        }
+        results = {which: validate(weights) for which, weights in candidates.items()}
         state.weights = selection.pick_weights(results, cfg.select_metric)
         state.val = results[state.weights]
         state.best, improved, dropped = selection.update_best(
@@ -574,20 +497,77 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         val_loader,
         device=device,
         autocast=autocast,
-        channels_last=channels_last.value,
+        channels_last=channels_last,
         log=log,
     )
-    best = state.best
-    log.print(f"done: {run_dir} | best val {cfg.select_metric} {best['value']:.4f} at epoch {best['epoch']}")
+    log.print(
+        f"done: {run_dir} | best val {cfg.select_metric} {state.best['value']:.4f} "
+        f"at epoch {state.best['epoch']}"
+    )
     log.close()
     return {
         "run_dir": str(run_dir),
-        "best": best,
+        "best": state.best,
         "val": state.val,
         "step": state.step,
         "model": model,
         "ema": ema,
     }
+
+
+def read_data(
+    cfg: TrainConfig,
+    resumed: dict | None,
+    dist_info: distributed.DistInfo,
+    run_dir: Path,
+    workers: int,
+    log: runlog.RunLog,
+) -> tuple[data.Splits, dict[str, torch.Tensor], dict]:
+    """The run's files, checked: (splits, images per class per split, the files' fingerprint).
+
+    The class order comes from train/'s folders, or from the resumed run. With --data.scan-images every
+    file is decoded once now, on `workers` processes, rather than crash a loader worker in epoch 3. A
+    resume on changed files is refused (resume.check_resumed_files). Prints the class table."""
+    try:
+        splits = data.build_splits(
+            cfg.data.root,
+            cfg.data.val_fraction,
+            cfg.seed,
+            classes=resumed["classes"] if resumed is not None else None,
+        )
+    except (FileNotFoundError, ValueError) as err:  # each names the root, folder or class at fault
+        raise SystemExit(f"error: {err}") from None
+    if not distributed.all_equal(splits.classes):
+        raise SystemExit(
+            f"error: the ranks read different class folders from {cfg.data.root}; "
+            "is it the same data on every node?"
+        )
+    if cfg.data.scan_images:
+        splits = data.drop_unreadable(
+            splits,
+            cfg.data.root,
+            skip=cfg.data.skip_bad_images,
+            workers=max(1, workers),
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            report=run_dir / "bad_images.txt" if dist_info.is_main else None,
+            log=log.print,
+        )
+    num_classes = len(splits.classes)
+    counts = {
+        name: data.class_counts(getattr(splits, name), num_classes) for name in ("train", "val", "test")
+    }
+    fingerprint = data.fingerprint(splits)
+    if resumed is not None:
+        resume.check_resumed_files(
+            resumed,
+            fingerprint,
+            cfg.data.root,
+            cfg.accept_config_changes,
+            log=log.print,
+        )
+    log.print(runlog.class_table(splits.classes, counts))
+    return splits, counts, fingerprint
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the fast path's per-image options cost: batch_augment.BatchAugment on a uint8 batch, options off/on.
 
-    python bench/augment_cost.py                                  # 32 px crops from 37 px squares, batch 128, CPU
+    python bench/augment_cost.py                  # 32 px crops from 37 px squares, batch 128, CPU
     python bench/augment_cost.py --device cuda --batch-size 256
 
 The settings take turns within every repeat (a burst of load from other processes hits all of them);

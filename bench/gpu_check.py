@@ -1,6 +1,6 @@
 r"""A prepared GPU check: every CUDA path of the trainer run once, reported as one table, in under 6 minutes.
 
-No CUDA path of this project had run on a GPU when this was written. A session lent a GPU machine (torch
+The CPU-only test suite cannot reach these paths; this script runs them. A session lent a GPU machine (torch
 and the other dependencies preinstalled, but no tyro, no internet and no data) runs, from the repo root,
 with `carry: [".whl"]` (the wheels `bash bench/gpu_wheels.sh` downloads here into the git-ignored .whl/):
 

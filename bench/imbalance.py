@@ -139,14 +139,16 @@ def main(args: Args) -> list[dict]:
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     rare = " | ".join(f"{c} recall" for c in args.rare)
     print(
-        f"\n{', '.join(args.rare)} {args.ratio}x rarer in train; balanced val and test; best epoch by val macro F1\n"
+        f"\n{', '.join(args.rare)} {args.ratio}x rarer in train; balanced val and test; "
+        "best epoch by val macro F1\n"
     )
     print(f"| variant | test top-1 | macro F1 | {rare} | other classes' recall |")
     print("|---|---|---|" + "---|" * len(args.rare) + "---|")
     for r in rows:
         rare_values = " | ".join(f"{r['rare_recall'][c]:.3f}" for c in args.rare)
         print(
-            f"| {r['variant']} | {r['top1']:.4f} | {r['macro_f1']:.4f} | {rare_values} | {r['common_recall_mean']:.3f} |"
+            f"| {r['variant']} | {r['top1']:.4f} | {r['macro_f1']:.4f} | {rare_values} "
+            f"| {r['common_recall_mean']:.3f} |"
         )
     return rows
 

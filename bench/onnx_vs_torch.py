@@ -1,7 +1,7 @@
 """CPU inference throughput: ONNX Runtime versus PyTorch eager, on the same exported model.
 
-    python bench/onnx_vs_torch.py                                    # random-init ResNet18 at 32 px and 224 px
-    python bench/onnx_vs_torch.py runs/NAME/checkpoints/best.pt       # a trained model at its own input size
+    python bench/onnx_vs_torch.py                                # random-init ResNet18 at 32 px and 224 px
+    python bench/onnx_vs_torch.py runs/NAME/checkpoints/best.pt  # a trained model at its own input size
 
 Prints images/s (the median of several repeats) at batch 1 and 64 as a Markdown table. Both runtimes
 use their default thread counts; ONNX Runtime's thread spinning is off (see bench_model).
@@ -88,7 +88,10 @@ def bench_model(name: str, model: nn.Module, size: int, args: BenchArgs) -> list
                 runs = {"torch": model, "ort": lambda x: session.run(None, {"images": x})}
                 rates = images_per_s(runs, {"torch": images, "ort": array}, args.repeats, args.min_repeat_s)
             torch_rate, ort_rate = rates["torch"], rates["ort"]
-            row = f"| {name} | {size}x{size} | {batch_size} | {torch_rate:,.0f} | {ort_rate:,.0f} | {ort_rate / torch_rate:.2f}x |"
+            row = (
+                f"| {name} | {size}x{size} | {batch_size} | {torch_rate:,.0f} | {ort_rate:,.0f} "
+                f"| {ort_rate / torch_rate:.2f}x |"
+            )
             print(row, flush=True)
             rows.append(row)
     return rows
@@ -105,8 +108,9 @@ def main(args: BenchArgs) -> None:
             ("resnet18", build_model("resnet18", 1000), 224),
         ]
     print(
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__} "
-        f"(CPUExecutionProvider, no spinning), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider, no spinning), "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, "
         f"median of {args.repeats} repeats, fp32\n"
     )
     print("| model | input | batch | PyTorch eager img/s | ONNX Runtime img/s | ORT / PyTorch |")

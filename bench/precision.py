@@ -72,7 +72,8 @@ def main(args: BenchArgs) -> dict[str, float]:
     channels_last = hardware.resolve_channels_last(cfg.channels_last, device, auto.value).value
     print(describe_machine(device))
     print(
-        f"cpu: {hardware.cpu_model()} | native bf16 flags: {hardware.describe()['cpu_native_bf16_flags'] or 'none'}"
+        f"cpu: {hardware.cpu_model()} | "
+        f"native bf16 flags: {hardware.describe()['cpu_native_bf16_flags'] or 'none'}"
     )
     print(f"--precision auto picks {auto.value} here ({auto.reason})")
     if auto.value not in PRECISIONS:

@@ -131,8 +131,9 @@ def main(args: BenchArgs) -> dict[str, float]:
         image_size=args.image_size, resize_size=None, mean=d.mean, std=d.std, interpolation=d.interpolation
     )
     print(
-        f"data: {len(samples)} images from {args.root / 'train'} ({len(classes)} classes) | batch {args.batch_size} | "
-        f"{args.image_size} px crops | {args.precision} | channels_last {args.channels_last} | compile {args.compile}"
+        f"data: {len(samples)} images from {args.root / 'train'} ({len(classes)} classes) "
+        f"| batch {args.batch_size} | {args.image_size} px crops | {args.precision} "
+        f"| channels_last {args.channels_last} | compile {args.compile}"
     )
 
     regular_sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
@@ -161,7 +162,8 @@ def main(args: BenchArgs) -> dict[str, float]:
     start = time.perf_counter()
     images, labels = decode_split(samples, spec["resize_shorter_side"], d.interpolation)
     print(
-        f"fast path: decoded {len(samples)} images to {tuple(images.shape[1:])} uint8 in {time.perf_counter() - start:.1f} s (once per run)"
+        f"fast path: decoded {len(samples)} images to {tuple(images.shape[1:])} uint8 "
+        f"in {time.perf_counter() - start:.1f} s (once per run)"
     )
     fast_sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
     augment = BatchAugment(
@@ -218,7 +220,8 @@ def main(args: BenchArgs) -> dict[str, float]:
     start = time.perf_counter()
     images_per_s(itertools.cycle(ready), step, warmup=args.warmup, count=0, device=device)
     print(
-        f"first steps (model warm-up{', compile' if args.compile else ''}): {time.perf_counter() - start:.1f} s"
+        f"first steps (model warm-up{', compile' if args.compile else ''}): "
+        f"{time.perf_counter() - start:.1f} s"
     )
 
     # --- interleaved timing -----------------------------------------------------------------------------

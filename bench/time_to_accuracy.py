@@ -115,17 +115,19 @@ def main(args: Args) -> list[dict]:
     print("| epoch | minutes (training) | minutes (wall) | val top-1 | test top-1 |\n|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['epoch'] + 1} | {row['minutes']:.2f} | {row['wall_minutes']:.2f} | {row['val_top1']:.4f} | {row['test_top1']:.4f} |"
+            f"| {row['epoch'] + 1} | {row['minutes']:.2f} | {row['wall_minutes']:.2f} "
+            f"| {row['val_top1']:.4f} | {row['test_top1']:.4f} |"
         )
     reached = next((row for row in rows if row["test_top1"] >= args.target), None)
     if reached:
         print(
-            f"\ntime to {args.target} test top-1: {reached['minutes']:.2f} min of training (epoch {reached['epoch'] + 1}), "
-            f"{reached['wall_minutes']:.2f} min wall"
+            f"\ntime to {args.target} test top-1: {reached['minutes']:.2f} min of training "
+            f"(epoch {reached['epoch'] + 1}), {reached['wall_minutes']:.2f} min wall"
         )
     else:
         print(
-            f"\n{args.target} test top-1 not reached (best {max(r['test_top1'] for r in rows):.4f}); run took {total:.1f} min"
+            f"\n{args.target} test top-1 not reached (best {max(r['test_top1'] for r in rows):.4f}); "
+            f"run took {total:.1f} min"
         )
     (run_dir / "time_to_accuracy.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot_curve(rows, args.target, args.plot or run_dir / "plots" / "time_to_accuracy.png", args.preset)

@@ -53,9 +53,8 @@ def random_resized_boxes(
     else:
         fallback_w, fallback_h = width, height
     found = fits.any(dim=1)
-    position = torch.rand(
-        n, 2, generator=generator
-    )  # drawn for every box, so the stream never depends on `found`
+    # Drawn for every box, so the stream never depends on `found`.
+    position = torch.rand(n, 2, generator=generator)
     w = torch.where(found, w, torch.tensor(float(fallback_w)))
     h = torch.where(found, h, torch.tensor(float(fallback_h)))
     x1 = torch.where(found, position[:, 0] * (width - w), (width - w) / 2)
@@ -95,9 +94,8 @@ class BatchAutoAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, height, width = images.shape
-        table = [
-            fn(NUM_MAGNITUDE_BINS, height, width) for _, (fn, _) in self.space
-        ]  # None: the op has no magnitude
+        # Each op's magnitudes over the bins; None: the op has no magnitude.
+        table = [fn(NUM_MAGNITUDE_BINS, height, width) for _, (fn, _) in self.space]
         has_magnitude = torch.tensor([magnitudes is not None for magnitudes in table])
         signed = torch.tensor([is_signed for _, (_, is_signed) in self.space])
         for _ in range(self.rounds):

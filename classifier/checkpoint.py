@@ -155,15 +155,6 @@ def save_epoch(
         save_safetensors(best_weights, run_dir / "best.safetensors", best_metadata)
 
 
-def check_resumable(checkpoint: dict, path: Path) -> None:
-    missing = [key for key in RESUME_ONLY if key not in checkpoint]
-    if missing:
-        raise SystemExit(
-            f"error: {path} holds no {', '.join(missing)} state: best.pt and epoch-NNN.pt are for "
-            "evaluate.py and export.py; resume from the run directory (its last.pt)"
-        )
-
-
 def find_checkpoint(path: Path) -> Path:
     """A run directory means its checkpoints/last.pt (or last.prev.pt when a crash fell between the two
     renames of a save); a file means itself."""
@@ -212,41 +203,10 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def check_resumed_precision(checkpoint: dict, precision: str, accept_changes: bool) -> None:
-    """Refuse to resume in another precision than the run trained in (a different 'auto' on another
-    kind of machine, say): the continuation would not be the run that was interrupted. Checkpoints that
-    do not record it are taken as they are."""
-    trained = checkpoint.get("precision")
-    if trained is None or trained == precision or accept_changes:
-        return
-    raise SystemExit(
-        f"error: this run trained in {trained} and would continue in {precision} here; pass "
-        f"--accept-config-changes to continue in {precision}, with --precision {trained} to keep {trained}"
-    )
-
-
-def check_resumed_files(resumed: dict, fingerprint: dict, root: Path, accept_changes: bool, log) -> None:
-    """Refuse to resume on other files than the run trained on, unless --accept-config-changes: the
-    samplers index the file list, so on other files the same positions are other images. `fingerprint`
-    is data.fingerprint of the files found now."""
-    if resumed["dataset"] == fingerprint:
-        return
-    changed = (
-        f"the files under {root} changed since the checkpoint was written (counts were "
-        f"{resumed['dataset']['counts']}, now {fingerprint['counts']})"
-    )
-    if not accept_changes:
-        raise SystemExit(
-            f"error: {changed}; resumed on them, the run would not continue the interrupted one exactly. "
-            "Pass --accept-config-changes to continue on the new files."
-        )
-    log(f"warning: {changed}; continuing on the new files (--accept-config-changes)")
-
-
 def inference_weights(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
-    """The weights that were validated and preferred: 'ema' or 'raw' as the checkpoint records (older
-    checkpoints, which do not say: the EMA model's when EMA was on)."""
-    which = checkpoint.get("weights") or ("ema" if checkpoint.get("ema") is not None else "raw")
+    """The weights the last validation preferred, as the checkpoint records them ('ema' or 'raw'), with
+    which they are. The EMA's are stored inside AveragedModel's state, under "module."."""
+    which = checkpoint["weights"]
     if which == "ema":
         prefix = "module."
         ema = checkpoint["ema"]
@@ -273,20 +233,6 @@ def cuda_devices_here() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_resumed_rng(checkpoint: dict, accept_changes: bool) -> None:
-    """The CUDA generators' states can be restored only onto as many CUDA devices as saved them. Refuse a
-    resume that would go on with fresh CUDA streams (another GPU count, or none): it would not repeat the
-    interrupted run. With `accept_changes`, go on; restore_rng then leaves the CUDA generators alone."""
-    saved, here = len(checkpoint["rng"]["cuda"]), cuda_devices_here()
-    if saved == 0 or saved == here or accept_changes:
-        return
-    raise SystemExit(
-        f"error: this run saved the random state of {saved} CUDA devices and this machine has {here}; "
-        "resumed here, it would not continue the interrupted run exactly. Pass --accept-config-changes "
-        "to continue anyway (the CUDA random state is then not restored)."
-    )
-
-
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -297,18 +243,6 @@ def restore_rng(state: dict) -> None:
 
 
 # --- what inference consumers read ------------------------------------------------------------------
-
-
-def labels_mapping(classes: list[str], preprocessing: dict, model_name: str, **extra) -> dict:
-    """The sidecar: class order as trained (never rebuilt from folder names), and the preprocessing."""
-    return {
-        "num_classes": len(classes),
-        "idx_to_class": {str(i): name for i, name in enumerate(classes)},
-        "class_to_idx": {name: i for i, name in enumerate(classes)},
-        "preprocessing": preprocessing,
-        "model": model_name,
-        **extra,
-    }
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:

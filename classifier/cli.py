@@ -1,9 +1,10 @@
 """How a command line becomes a TrainConfig, and where the run it describes lives.
 
 The precedence is: the resumed run's saved config, else a named preset, else the dataclass defaults;
-flags given on the command line override whichever base that is. The resume policy (which fields a
-resumed run may change) and the run directory's rules live here too. config.py holds only the
-dataclasses; this module is the one that reads `sys.argv`.
+flags given on the command line override whichever base that is. The run directory's rules live here
+too (a resume continues in its run's folder; a new run never writes into an old one). config.py holds
+only the dataclasses, resume.py what a resumed run may change; this module is the one that reads
+`sys.argv`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import tyro
 
-from classifier import checkpoint
-from classifier.config import TrainConfig, from_dict, to_dict
+from classifier import checkpoint, resume
+from classifier.config import TrainConfig, from_dict
 from classifier.files import write_text
 from configs import get_preset
 
@@ -58,40 +59,12 @@ def parse_cli(argv: list[str] | None = None, description: str | None = None) -> 
     return tyro.cli(TrainConfig, default=base, args=argv, description=description)
 
 
-# Fields a resumed run may change without --accept-config-changes: they do not change the results.
-HARMLESS_ON_RESUME = {
-    "resume",
-    "accept_config_changes",
-    "early_stop_patience",
-    "keep_best",
-    "progress",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "data.num_workers",
-    "data.cache_dir",
-    "debug_overfit_failure",
-}
-
-
-def config_differences(saved: TrainConfig, now: TrainConfig) -> list[str]:
-    """'field: saved -> now' for every field that differs, nested fields as data.xxx, harmless ones left out."""
-
-    def flat(values: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in values.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-        return out
-
-    a, b = flat(to_dict(saved)), flat(to_dict(now))
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in HARMLESS_ON_RESUME]
-
-
 def run_directory(cfg: TrainConfig, resumed: dict | None) -> Path:
     """Where this run lives. A resume continues in the run's own folder (no timestamped folders
     scattering one run), with the saved config unless --accept-config-changes; a new run never
     writes into an old one."""
     if cfg.resume is not None:
-        diffs = config_differences(from_dict(resumed["config"]), cfg)
+        diffs = resume.config_differences(from_dict(resumed["config"]), cfg)
         if diffs and not cfg.accept_config_changes:
             raise SystemExit(
                 f"error: flags given with --resume {cfg.resume} change the run's saved config:\n  "

@@ -68,7 +68,8 @@ class DataConfig:
     """Probability of erasing a random rectangle (2-33% of the area) of each training image after
     normalization (to 0, the mean colour), as torchvision's reference recipes do; 0 disables it."""
     val_fraction: float = 0.1
-    """When there is no `val/` folder: the fraction of each class held out of `train/` (seeded, stratified)."""
+    """When there is no `val/` folder: the fraction of each class held out of `train/` (seeded,
+    stratified)."""
     batch_size: int = 64
     """Images per device per forward pass. The global batch is batch_size * world size * grad_accum_steps."""
     num_workers: int | Literal["auto"] = "auto"
@@ -126,7 +127,8 @@ class OptimConfig:
     """Cross-entropy label smoothing."""
     mixup_alpha: float = 0.0
     """MixUp: blend each training image with another, lambda ~ Beta(alpha, alpha), the targets likewise
-    (soft targets, still smoothed and class-weighted); 0 disables it. 0.2 is the torchvision recipe's value."""
+    (soft targets, still smoothed and class-weighted); 0 disables it. 0.2 is the torchvision recipe's
+    value."""
     cutmix_alpha: float = 0.0
     """CutMix: paste a box of another training image, the targets mixed by the box's area, lambda ~
     Beta(alpha, alpha); 0 disables it. With MixUp on too, each batch gets one of the two at random."""
@@ -144,7 +146,8 @@ class TrainConfig:
     """torchvision classification model (its head replaced for the dataset's class count), or
     small_resnet: the project's compact network for 28-64 px images from scratch (classifier/models.py)."""
     pretrained: str | None = None
-    """'DEFAULT' for torchvision's weights from the TORCH_HOME cache, or a path to a .pth/.safetensors file."""
+    """'DEFAULT' for torchvision's weights from the TORCH_HOME cache, or a path to a .pth/.safetensors
+    file (from one of this trainer's checkpoints: the weights its validation chose, EMA or raw)."""
     small_input_stem: bool = False
     """ResNets only: 3x3 stride-1 first conv and no max-pool, for 28-64 px images (CIFAR-style stem)."""
     stem_stride: int = 1
@@ -160,24 +163,27 @@ class TrainConfig:
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """The channels_last memory format for the model and the images. 'auto': on for CPUs (faster in fp32
-    and bf16 alike, measured) and for CUDA fp16/bf16 (tensor cores); off for CUDA fp32."""
+    and bf16 alike, measured: classifier/hardware.py) and for CUDA fp16/bf16 (tensor cores); off for CUDA
+    fp32."""
     compile: bool = False
     """torch.compile the model (long cold start; checkpoints still hold the plain module)."""
     sync_batchnorm: bool = False
     """Under DDP on GPUs: BatchNorm statistics over the global batch instead of each GPU's share."""
     ema_half_life_epochs: float | None = 0.5
-    """EMA half-life in epochs, turned into a per-step decay; None disables EMA."""
+    """EMA half-life in epochs, turned into a per-step decay; None disables EMA. The EMA and the raw
+    weights are both validated every epoch; the better by --select-metric is the epoch's result."""
     logit_adjustment: Literal["none", "frequency", "balanced"] = "none"
     """Add log(target prior) - log(training prior) to the logits in validation, best.pt and export
     (classifier/imbalance.py). 'frequency': probabilities follow the train split's class frequencies,
     undoing the weighted sampler/class-weighted loss; 'balanced': every class equally likely a priori."""
     select_metric: Literal["top1", "macro_f1", "balanced_accuracy"] = "top1"
-    """Validation metric that picks the best checkpoint (and drives early stopping). macro_f1 or
-    balanced_accuracy weigh rare classes like common ones."""
+    """Validation metric that picks each epoch's weights (EMA or raw), the best epoch (best.pt) and drives
+    early stopping. macro_f1 or balanced_accuracy weigh rare classes like common ones."""
     early_stop_patience: int | None = None
     """Stop after this many epochs without a better select_metric; None trains all epochs."""
     keep_best: int = 1
-    """Besides best.pt and last.pt, keep checkpoints/epoch-NNN.pt of the best k epochs (k > 1), pruning the rest."""
+    """Besides best.pt and last.pt, keep checkpoints/epoch-NNN.pt of the best k epochs (k > 1), pruning
+    the rest."""
     seed: int = 0
     """Seeds model init, data order and augmentation; the same seed reproduces a run on CPU bit for bit."""
     name: str | None = None

@@ -1,7 +1,9 @@
-"""ImageFolder data: the class mapping, the splits, unreadable files, the dataset and its DataLoader.
+"""ImageFolder data: the class mapping, the splits, unreadable files, per-class counts and the data
+fingerprint, the dataset and its DataLoader.
 
-Each split is its own dataset with its own transform (train augments, val/test do not: transforms.py),
-and the class mapping is built once from `train/` for every split. Order and augmentation seeds come from
+The class mapping is built once from `train/` for every split. Each split is its own dataset with the
+transform it is given (built by transforms.py: train augments, val/test do not); the fast path
+(fastdata.py) reuses the splits but not the dataset. Order and augmentation seeds come from
 sampling.EpochSampler, so resume is exact and independent of the number of workers.
 """
 
@@ -285,16 +287,3 @@ def peek_batch(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
     images, labels = next(iter(loader))
     return images[:count], labels[:count]
-
-
-def class_table(classes: list[str], counts: dict[str, torch.Tensor]) -> str:
-    """Per-class image counts for each split, and the train split's imbalance ratio (largest/smallest)."""
-    splits = [name for name, c in counts.items() if int(c.sum()) > 0]
-    width = max(5, *(len(name) for name in classes))
-    lines = [f"{'class':<{width}} " + " ".join(f"{s:>8}" for s in splits)]
-    for i, name in enumerate(classes):
-        lines.append(f"{name:<{width}} " + " ".join(f"{int(counts[s][i]):>8}" for s in splits))
-    train = counts["train"]
-    ratio = train.max().item() / max(1, train[train > 0].min().item()) if int(train.sum()) else float("nan")
-    lines.append(f"{len(classes)} classes, imbalance ratio (train, largest/smallest) {ratio:.1f}")
-    return "\n".join(lines)

@@ -3,8 +3,10 @@
 The EMA is configured as a half-life in epochs and turned into a per-step decay here, so it smooths
 over the same share of training on 2k images as on 2M (a fixed per-step decay of 0.999 barely moves
 from its initial weights in a 300-step run). With use_buffers=True the BatchNorm statistics are averaged
-too, so the EMA model can be evaluated as it is. When EMA is on, it is the model that is validated,
-checkpointed as best and exported.
+too, so the EMA model can be evaluated as it is. The EMA is a candidate, not the result: train.py
+validates the EMA and the raw weights every epoch and keeps the better by --select-metric
+(selection.pick_weights). Checkpoints hold both and record which won (`weights: ema|raw`);
+best.safetensors, evaluate.py and export.py take that one.
 """
 
 from __future__ import annotations

@@ -47,9 +47,6 @@ CACHE_FORMAT = "classifier-fastdata/1"
 DEFAULT_DECODE_WORKERS = min(8, os.cpu_count() or 1)
 
 
-# --- decode once ------------------------------------------------------------------------------------
-
-
 class _ResizedImages(Dataset):
     """Image i of `paths`, decoded by images.load_image (EXIF, colour modes), resized and center-cropped."""
 
@@ -203,7 +200,8 @@ class TensorLoader:
     ):
         if len(images) != len(labels) or len(images) != sampler.num_samples:
             raise ValueError(
-                f"{len(images)} images, {len(labels)} labels and a sampler over {sampler.num_samples} disagree"
+                f"{len(images)} images, {len(labels)} labels and a sampler over {sampler.num_samples} "
+                "disagree"
             )
         self.images = images.to(cache_device(images.nbytes, device))
         self.labels, self.sampler = labels, sampler

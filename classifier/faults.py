@@ -53,7 +53,8 @@ class StopRequest:
         )
 
     def requested(self, device: torch.device) -> bool:
-        """True when any rank was signalled (under DDP a tiny all-reduce, so every rank stops at the same step)."""
+        """True when any rank was signalled. Under DDP a tiny all-reduce on every call, so that every rank
+        stops at the same step."""
         return distributed.any_true(self.signum is not None, device)
 
     @property

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from classifier.config import TrainConfig
+
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 EMULATED_BF16_COST = (
@@ -42,9 +44,9 @@ class Choice:
         """The start-up line: 'precision fp32: ...', with 'warning: ' first for a slow choice."""
         return f"{'warning: ' if self.warn else ''}{name} {self.value}: {self.reason}"
 
-    def record(self, requested: object) -> dict:
-        """config.json's entry: what was asked for, what was used and why."""
-        return {"requested": requested, "value": self.value, "reason": self.reason}
+    def record(self) -> dict:
+        """config.json's entry: what was used and why."""
+        return {"value": self.value, "reason": self.reason}
 
 
 def cpu_flags() -> set[str]:
@@ -116,10 +118,11 @@ def resolve_precision(requested: str, device: torch.device) -> Choice:
 
 
 def resolve_channels_last(requested: str, device: torch.device, precision: str) -> Choice:
-    """channels_last (True/False) for the model and the images, from 'on', 'off' or 'auto': on for CPUs, where oneDNN's convolutions
-    prefer it in fp32 and bf16 alike (measured, 2-core CPUs, training step, batch 128: small_resnet 28 px
-    1.14x in fp32 on both AVX2 and AMX, 1.43x in bf16 on AMX; never slower), and on CUDA with fp16/bf16,
-    where tensor cores want it; off for CUDA fp32, where PyTorch's own guidance sees no consistent gain."""
+    """channels_last (True/False) for the model and the images, from 'on', 'off' or 'auto': on for CPUs,
+    where oneDNN's convolutions prefer it in fp32 and bf16 alike (measured, 2-core CPUs, training step,
+    batch 128: small_resnet 28 px 1.14x in fp32 on both AVX2 and AMX, 1.43x in bf16 on AMX; never slower),
+    and on CUDA with fp16/bf16, where tensor cores want it; off for CUDA fp32, where PyTorch's own guidance
+    sees no consistent gain."""
     if requested != "auto":
         return Choice(requested == "on", "asked")
     if device.type == "cpu":
@@ -137,9 +140,9 @@ def usable_cores() -> int:
 
 
 def resolve_num_workers(requested: int | str, processes_per_node: int) -> Choice:
-    """DataLoader workers per process, from a number or 'auto': this process's share of the usable cores, at most
-    4 (past that, workers mostly wait on the training step) and at least 1, so decoding never runs in the
-    training process. More workers than cores only makes the processes take turns."""
+    """DataLoader workers per process, from a number or 'auto': this process's share of the usable cores,
+    at most 4 (past that, workers mostly wait on the training step) and at least 1, so decoding never runs
+    in the training process. More workers than cores only makes the processes take turns."""
     cores = usable_cores()
     share = max(1, cores // max(1, processes_per_node))
     if requested == "auto":
@@ -179,3 +182,25 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def resolve_settings(cfg: TrainConfig, device: torch.device) -> dict[str, Choice]:
+    """Every hardware-dependent setting of `cfg` resolved for this machine, by name: precision,
+    channels_last and num_workers (this process's share of the node's cores, under torchrun)."""
+    precision = resolve_precision(cfg.precision, device)
+    processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return {
+        "precision": precision,
+        "channels_last": resolve_channels_last(cfg.channels_last, device, precision.value),
+        "num_workers": resolve_num_workers(cfg.data.num_workers, processes_per_node),
+    }
+
+
+def settings_record(cfg: TrainConfig, choices: dict[str, Choice]) -> dict:
+    """config.json's "resolved": for each setting, the flag as given, the value used and why."""
+    requested = {
+        "precision": cfg.precision,
+        "channels_last": cfg.channels_last,
+        "num_workers": cfg.data.num_workers,
+    }
+    return {name: {"requested": requested[name], **choice.record()} for name, choice in choices.items()}

@@ -34,7 +34,7 @@ def soft_target_cross_entropy(
     original MixUp criterion). For one-hot y it is exactly nn.CrossEntropyLoss(weight=w,
     label_smoothing=eps) on the int labels, in all four weight/smoothing combinations: PyTorch weights
     the smoothing term per class, eps / C * sum_c w_c * (-l_ic), and divides by sum_i w_{y_i}, which is
-    sum_i s_i. So with mixing on and a batch that happens to be unmixed, the objective is today's.
+    sum_i s_i. So with mixing on, a batch that happens to be unmixed gets the same loss as with mixing off.
 
     The alternative of weighting whole samples, sum_i s_i * sum_c t_ic * (-l_ic) / sum_i s_i, agrees
     with PyTorch only without weights or without smoothing, and not for mixed targets even at eps = 0:
@@ -43,9 +43,8 @@ def soft_target_cross_entropy(
     so for weighted losses it would not match its own int-label result; hence this function.
     """
     num_classes = logits.shape[-1]
-    log_probs = logits.log_softmax(
-        dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)
-    )  # fp32 at least, as under autocast
+    # fp32 at least, as under autocast
+    log_probs = logits.log_softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     smoothed = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
     if weight is None:
         return -(smoothed * log_probs).sum() / len(targets)  # sum_i s_i = N (rows sum to 1)
@@ -53,9 +52,10 @@ def soft_target_cross_entropy(
 
 
 class CrossEntropy(nn.Module):
-    """`criterion(logits, targets)`: int labels (N,) go to nn.CrossEntropyLoss(weight, label_smoothing),
-    unchanged from before mixing existed; float (N, C) soft targets to soft_target_cross_entropy with the
-    same weight and smoothing (which for one-hot targets gives the same value)."""
+    """`criterion(logits, targets)`: int labels (N,) go to a plain nn.CrossEntropyLoss(weight,
+    label_smoothing), so a run without mixing trains exactly as with that loss alone; float (N, C) soft
+    targets go to soft_target_cross_entropy with the same weight and smoothing (which for one-hot targets
+    gives the same value)."""
 
     def __init__(self, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
         super().__init__()

@@ -1,9 +1,11 @@
-"""Build a torchvision classification model by name, with its head sized for the dataset.
+"""Build a classification model by name (torchvision's, or SmallResNet for small images), with its head
+sized for the dataset.
 
 Pretrained weights never come from the network at run time: 'DEFAULT' reads torchvision's cache under
-TORCH_HOME, and a path reads a local .pth/.safetensors file (from one of our checkpoints, the weights it
-validated). Training, evaluation and export all build their model here, so the three can never disagree
-about the architecture; model_from_checkpoint rebuilds a trained one from its checkpoint.
+TORCH_HOME, and a path reads a local .pth/.safetensors file (from one of this trainer's checkpoints, the
+weights its validation chose, EMA or raw). Training, evaluation and export all build their model here, so
+the three can never disagree about the architecture; model_from_checkpoint rebuilds a trained one from
+its checkpoint. Reading and writing checkpoint files is checkpoint.py's job.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def build_model(
     if name in LOCAL_MODELS:
         if pretrained is not None or small_input_stem:
             raise ValueError(
-                f"--model {name} is trained from scratch and is built for small images: no --pretrained, no --small-input-stem"
+                f"--model {name} is trained from scratch and is built for small images: "
+                "no --pretrained, no --small-input-stem"
             )
         return LOCAL_MODELS[name](num_classes)
     if name not in torchvision.models.list_models(module=torchvision.models):
@@ -150,7 +153,8 @@ def forward_error(model: nn.Module, image_size: int) -> RuntimeError | None:
 
 
 def head_name(model: nn.Module) -> str:
-    """The qualified name of the final Linear layer (e.g. 'fc', 'classifier.3'): the one replace_head swaps."""
+    """The qualified name of the final Linear layer (e.g. 'fc', 'classifier.3'): the one replace_head
+    swaps."""
     for parent_name in ("fc", "classifier", "heads"):
         parent = getattr(model, parent_name, None)
         if isinstance(parent, nn.Linear):
@@ -197,8 +201,8 @@ def use_small_input_stem(model: nn.Module, name: str, stride: int = 1) -> None:
 def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor], str, dict | None]:
     """The state dict for `name`, from TORCH_HOME's cache ('DEFAULT') or from a file; which weights those
     are, in words; and for one of this project's checkpoints, the stem it was trained with
-    ({"small_input_stem", "stem_stride"}, else None). From such a checkpoint, the weights it validated
-    and preferred (the EMA's or the raw model's), as evaluate and export take them."""
+    ({"small_input_stem", "stem_stride"}, else None). From such a checkpoint, the weights its validation
+    preferred (the EMA's or the raw model's, as the checkpoint records), as evaluate and export take them."""
     if pretrained == "DEFAULT":
         weights = torchvision.models.get_model_weights(name).DEFAULT
         filename = os.path.basename(weights.url)
@@ -239,7 +243,8 @@ def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor]
 
 
 def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
-    """Rebuild the architecture from the checkpoint's config and load the validated weights, eval mode."""
+    """Rebuild the architecture from the checkpoint's config and load the weights its validation chose (EMA
+    or raw: the second value says which), the logit adjustment folded in when there is one; eval mode."""
     config = checkpoint["config"]
     model = build_model(
         config["model"],

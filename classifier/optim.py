@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from classifier.config import OptimConfig
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: weights of conv/linear layers decay; biases and norm parameters (all 1-d) do not."""
@@ -26,7 +28,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def default_lr(optimizer: str, pretrained: bool) -> float:
-    """Fine-tuning a pretrained net wants a much lower LR than training from scratch (DESIGN pitfall 7)."""
+    """The peak LR when --optim.lr is not given: 10x lower for pretrained weights than from scratch (AdamW
+    1e-4 vs 1e-3, SGD 0.01 vs 0.1), as a from-scratch LR would wreck the pretrained features in the first
+    steps (README, "Pretrained weights, offline"; tests/test_optim.py)."""
     if optimizer == "sgd":
         return 0.01 if pretrained else 0.1
     return 1e-4 if pretrained else 1e-3
@@ -91,3 +95,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The schedule owns the learning rate: every parameter group gets `lr` before each step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def peak_lr(cfg: OptimConfig, fine_tuning: bool) -> tuple[float, str]:
+    """(the peak learning rate, where it came from): --optim.lr when given (or set by a preset), else
+    default_lr for the optimizer and for fine-tuning or training from scratch."""
+    if cfg.lr:
+        return cfg.lr, "--optim.lr or the preset"
+    regime = "for fine-tuning" if fine_tuning else "from scratch"
+    return default_lr(cfg.optimizer, pretrained=fine_tuning), f"{cfg.optimizer} default {regime}"

@@ -1,5 +1,5 @@
-"""Pictures of a run and of an evaluation: the confusion matrix heatmap, the training curves, a grid
-of misclassified images and the reliability diagram, saved as PNG.
+"""Pictures of a run and of an evaluation: the confusion matrix heatmap, the training curves, one
+augmented training batch, a grid of misclassified images and the reliability diagram, saved as PNG.
 
 Figures are built as plain `matplotlib.figure.Figure` objects drawn by the Agg renderer, never through
 pyplot: no display is needed, no backend is switched under a notebook user, and no global figure
@@ -206,7 +206,8 @@ def train_batch_figure(
 ) -> Figure:
     """A grid of (up to `max_images` of) one training batch as the model gets it: `images` normalized float
     (N, 3, H, W), shown with `mean`/`std` undone; `targets` class indices (N,), titled with the class name,
-    or (N, C) soft targets (MixUp/CutMix), titled with their two largest shares ("0.6 Shirt" over "0.4 Coat")."""
+    or (N, C) soft targets (MixUp/CutMix), titled with their two largest shares ("0.6 Shirt" over
+    "0.4 Coat")."""
     images, targets = images[:max_images].detach().float().cpu(), targets[:max_images].detach().cpu()
     mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     pixels = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC for imshow
@@ -223,9 +224,8 @@ def train_batch_figure(
     ax.axis("off")
     for i in range(n):
         x0, y0 = gap + (i % cols) * (tile + gap), 0.45 + (i // cols) * (tile + title_in) + title_in
-        ax.imshow(
-            pixels[i], extent=(x0, x0 + tile, y0 + tile, y0), interpolation="nearest"
-        )  # the model's pixels
+        # interpolation="nearest": the model's pixels, not a smoothed picture of them
+        ax.imshow(pixels[i], extent=(x0, x0 + tile, y0 + tile, y0), interpolation="nearest")
         ax.text(x0 + tile / 2, y0 - 0.03, titles[i], ha="center", va="bottom", fontsize=7, linespacing=1.1)
     h, w = images.shape[-2:]
     ax.text(
@@ -240,7 +240,8 @@ def train_batch_figure(
 
 
 def target_text(target: torch.Tensor, classes: list[str]) -> str:
-    """A class index as its name; a soft target as its (up to) two largest shares, one a line: "0.6 Shirt\n0.4 Coat"."""
+    """A class index as its name; a soft target as its (up to) two largest shares, one a line:
+    "0.6 Shirt\n0.4 Coat"."""
     if target.ndim == 0:
         return shorten(classes[int(target)], 16)
     shares, indices = target.float().topk(min(2, len(target)))

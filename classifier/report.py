@@ -93,7 +93,8 @@ def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = E
     and the image count (NaN confidence/accuracy where a bin is empty). The bins are torchmetrics'
     (bucketize on linspace(0, 1), right-closed), except that a confidence of exactly 1.0, which
     torchmetrics puts in an extra bin of its own, is drawn in the top bin. ECE is
-    sum(count * |accuracy - confidence|) / total over these bins; expected_calibration_error says the number."""
+    sum(count * |accuracy - confidence|) / total over these bins; expected_calibration_error says the
+    number."""
     confidence, predicted = logits.float().softmax(dim=1).max(dim=1)  # float32, as the ECE sees them
     confidence, correct = confidence.double(), (predicted == labels).double()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
@@ -111,7 +112,8 @@ def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = E
 
 
 def calibration_summary(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
-    """NLL and ECE of softmax(logits) and of softmax(logits / temperature): what temperature scaling bought."""
+    """NLL and ECE of softmax(logits) and of softmax(logits / temperature): what temperature scaling
+    bought."""
     logits, labels = logits.float(), labels.long()
     scaled = logits / temperature
     return {

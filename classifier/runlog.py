@@ -1,5 +1,5 @@
-"""What a run records: config.json and labels_mapping.json at the start, the step and epoch lines on
-stdout, metrics.jsonl (one record per epoch) and TensorBoard scalars.
+"""What a run records: config.json and labels_mapping.json at the start, the class table, the step and
+epoch lines on stdout, metrics.jsonl (one record per epoch) and TensorBoard scalars.
 
 Only rank 0 writes. Other ranks get a NullLog whose methods do nothing, so the loop never branches on
 "am I the logging rank" (the no-op logger idea from nanochat). Where the run directory is and when it
@@ -13,6 +13,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from classifier.card import ModelCard
@@ -117,6 +118,17 @@ def step_line(state: TrainState, total_steps: int, loss: float, lr: float, image
     return " | ".join(parts)
 
 
+def step_scalars(state: TrainState, loss: float, lr: float, images_per_s: float) -> dict[str, float]:
+    """The TensorBoard scalars of a log step, by tag."""
+    return {
+        "train/loss": loss,
+        "train/lr": lr,
+        "train/images_per_s": images_per_s,
+        "train/skipped_nonfinite": state.skipped_nonfinite,
+        "train/scaler_skipped_steps": state.scaler_skipped,
+    }
+
+
 # The metrics each validated set of weights is compared by in metrics.jsonl.
 COMPARED = ("top1", "macro_f1", "balanced_accuracy", "loss")
 
@@ -173,3 +185,16 @@ def epoch_scalars(record: dict, select_metric: str, classes: list[str], rare: li
     for c in rare:
         scalars[f"val_recall_rare/{classes[c]}"] = record["val"]["per_class_acc"][c]
     return scalars
+
+
+def class_table(classes: list[str], counts: dict[str, torch.Tensor]) -> str:
+    """Per-class image counts for each split, and the train split's imbalance ratio (largest/smallest)."""
+    splits = [name for name, c in counts.items() if int(c.sum()) > 0]
+    width = max(5, *(len(name) for name in classes))
+    lines = [f"{'class':<{width}} " + " ".join(f"{s:>8}" for s in splits)]
+    for i, name in enumerate(classes):
+        lines.append(f"{name:<{width}} " + " ".join(f"{int(counts[s][i]):>8}" for s in splits))
+    train = counts["train"]
+    ratio = train.max().item() / max(1, train[train > 0].min().item()) if int(train.sum()) else float("nan")
+    lines.append(f"{len(classes)} classes, imbalance ratio (train, largest/smallest) {ratio:.1f}")
+    return "\n".join(lines)

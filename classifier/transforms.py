@@ -6,7 +6,7 @@ checkpoint and export; `eval_resize_crop` and `eval_transform` build the transfo
 consumer of the export and this trainer prepare images the same way. `train_transform` is the training
 augmentation (crop, flip, auto-augment, colour jitter, random erasing). Those two take keyword
 arguments only: passed by position, a swapped pair such as crop_scale/crop_ratio or mean/std would run,
-silently wrong.
+silently wrong. `preprocessing_for` and `augmentation_for` call them with a run's DataConfig.
 
 Reading files and datasets is data.py's job; the fast path augments whole batches in batch_augment.py.
 """
@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+
+from classifier.config import DataConfig
 
 # The two auto-augment policies' magnitude scales have this many steps (torchvision's default for both).
 NUM_MAGNITUDE_BINS = 31
@@ -35,7 +37,8 @@ def preprocessing_spec(
     interpolation: str,
 ) -> dict:
     """Everything a consumer needs to prepare an image exactly as evaluation does. Travels with every
-    checkpoint and export, so nobody has to guess (DESIGN.md pitfall 10)."""
+    checkpoint and export (labels_mapping.json, the ONNX metadata; README, "Export and evaluation"), so
+    nobody has to guess: a resize, crop or normalization unlike training's costs accuracy silently."""
     return {
         "color": "RGB",
         "resize_shorter_side": resize_size or round(image_size * 256 / 224),
@@ -103,7 +106,8 @@ def train_transform(
 ) -> T.Compose:
     """uint8 CHW RGB tensor -> augmented, normalized float32 tensor, in the order of torchvision's reference
     recipe (references/classification/presets.py): crop, flip, auto-augment (on uint8), [jitter], ToDtype,
-    Normalize, random erasing. The options off add no step, so the transform is exactly the one without them."""
+    Normalize, random erasing. An option that is off adds no step, so the transform is exactly the one
+    without it."""
     steps = [
         T.RandomResizedCrop(
             image_size,
@@ -130,3 +134,35 @@ def train_transform(
     if random_erasing > 0:
         steps.append(T.RandomErasing(p=random_erasing))  # value 0 after Normalize: the mean colour
     return T.Compose(steps)
+
+
+# --- from the run's DataConfig -------------------------------------------------------------------------
+
+
+def preprocessing_for(cfg: DataConfig) -> dict:
+    """The evaluation preprocessing that `cfg` describes, as preprocessing_spec writes it down."""
+    return preprocessing_spec(
+        image_size=cfg.image_size,
+        resize_size=cfg.resize_size,
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+    )
+
+
+def augmentation_for(cfg: DataConfig) -> T.Compose:
+    """The regular path's training transform that `cfg` describes (the fast path reads the same fields)."""
+    return train_transform(
+        image_size=cfg.image_size,
+        crop_scale=cfg.crop_scale,
+        crop_ratio=cfg.crop_ratio,
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+        auto_augment=cfg.auto_augment,
+        randaugment_num_ops=cfg.randaugment_num_ops,
+        randaugment_magnitude=cfg.randaugment_magnitude,
+        random_erasing=cfg.random_erasing,
+    )

@@ -187,7 +187,7 @@ def test_fast_options_off_change_nothing_on_change_only_what_they_should():
     )
     assert torch.equal(off(images, off_generator), expected)
     assert torch.equal(off_generator.get_state(), generator.get_state())
-    # ...and both drew exactly what the transform drew before the options existed: boxes, flips, jitter.
+    # ...and both drew exactly the crop, flip and jitter draws (boxes, flips, jitter factors), nothing more.
     replay = seeded(7)
     random_resized_boxes(32, 20, 20, (0.08, 1.0), (3 / 4, 4 / 3), replay)
     torch.rand(32, generator=replay)

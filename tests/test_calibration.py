@@ -109,7 +109,8 @@ def test_collect_logits_adds_the_bias_and_keeps_the_order():
 
 
 def gather_worker(rank: int, world: int, init: str, out: str) -> None:
-    """One of two gloo processes: rank r holds items r, r + 2, ... of 5, as an evaluating EpochSampler deals them."""
+    """One of two gloo processes: rank r holds items r, r + 2, ... of 5, as an evaluating EpochSampler
+    deals them."""
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         mine = torch.tensor(list(EpochSampler(5, shuffle=False, rank=rank, world_size=world)))

@@ -231,7 +231,7 @@ def test_fingerprint_sees_a_changed_file_list(tmp_path):
 def test_cpu_only_seeding_gives_the_pixels_of_torch_manual_seed(auto_augment, tmp_path):
     """ImageDataset seeds only torch's CPU generator (torch.manual_seed also queues a seed for every CUDA
     device, 0.2 ms a call). Every augmentation must come out bit-identical to seeding with
-    torch.manual_seed, the way earlier releases seeded, over many seeds."""
+    torch.manual_seed, over many seeds."""
     # A textured image, so every crop, flip and colour op changes pixels.
     pixels = torch.randint(0, 256, (40, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "textured.png"

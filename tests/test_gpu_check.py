@@ -85,7 +85,7 @@ def test_a_command_that_exits_1_makes_a_fail_row(gpu_check, tmp_path, monkeypatc
     table = gpu_check.markdown_table([row])
     assert "| train auto | FAIL | exit 1: RuntimeError: CUDA error: out of memory |" in table
     assert "CUDA error" in (tmp_path / "logs" / "auto.log").read_text()
-    # Exact resume has no reference run now: it runs nothing and says why, without failing a second time.
+    # Exact resume then has no reference run: it runs nothing and says why, without failing a second time.
     [row] = gpu_check.run_check(ctx, gpu_check.check_exact_resume, ("exact resume",))
     assert row.result == "SKIP" and "train auto" in row.figures
 

@@ -1,6 +1,6 @@
 """classifier/losses.py: the soft-target cross-entropy against a hand computation and nn.CrossEntropyLoss,
 MixUp/CutMix batches, and train.py with mixing on (trains on the mixed batches) and off (trains exactly as
-before mixing existed). The mixing run's exact resume is tests/test_train.py's."""
+with a bare nn.CrossEntropyLoss and no mixer). The mixing run's exact resume is tests/test_train.py's."""
 
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def test_soft_loss_matches_the_hand_computation(weighted, eps, kind):
 
 
 def test_mixed_weighted_loss_mixes_the_hard_losses():
-    """A mixed target's weighted loss is lam * (a's weighted terms) + (1 - lam) * (b's), over the mixed weight,
-    and not the per-sample alternative s_i * CE(t_i), which differs here."""
+    """A mixed target's weighted loss is lam * (a's weighted terms) + (1 - lam) * (b's), over the mixed
+    weight, and not the per-sample alternative s_i * CE(t_i), which differs here."""
     z = torch.tensor([LOGITS[0]])
     w = torch.tensor(WEIGHT)
     lam, eps = 0.7, 0.2
@@ -333,9 +333,9 @@ def test_training_with_mixup_and_cutmix_trains_on_the_mixed_batches(fmnist_small
 
 
 def test_mixing_off_trains_exactly_as_plain_cross_entropy(fmnist_small_root, tmp_path, monkeypatch):
-    """With both alphas 0 the step must be the old one: nn.CrossEntropyLoss on int labels, no extra draws
-    from the global RNG (dropout in mobilenet_v3_small would show them). The reference run swaps in the
-    pre-mixing code: a bare nn.CrossEntropyLoss and no mixer. And with mixing on, the weights differ."""
+    """With both alphas 0 the step must be the plain one: nn.CrossEntropyLoss on int labels, no extra
+    draws from the global RNG (dropout in mobilenet_v3_small would show them). The reference run swaps in
+    a bare nn.CrossEntropyLoss and no mixer. And with mixing on, the weights differ."""
     root = uneven_copy(fmnist_small_root, tmp_path / "data")
     common = [
         "--model",

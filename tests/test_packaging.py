@@ -102,7 +102,8 @@ def test_makefile_has_the_targets() -> None:
 
 
 def test_referenced_scripts_exist() -> None:
-    """Every `python something.py` / `python -m classifier.x` in pixi tasks, the Makefile and the Dockerfile."""
+    """Every `python something.py` / `python -m classifier.x` in pixi tasks, the Makefile and the
+    Dockerfile."""
     pixi = load_toml("pixi.toml")
     commands = [t if isinstance(t, str) else t["cmd"] for t in pixi["tasks"].values()]
     commands += [(REPO / "Makefile").read_text()]

@@ -1,4 +1,5 @@
-"""Interruptions, crashes, corrupt files, bad flags and NaN losses: nothing is lost, every failure is named."""
+"""Interruptions, crashes, corrupt files, bad flags and NaN losses: nothing is lost, every failure is
+named."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from helpers import REPO_ROOT, run_script
 
 import train
 from classifier import checkpoint as ckpt
+from classifier import resume
 from classifier.cli import parse_cli
 
 # mobilenet_v3_small at 32 px: small checkpoints, fast steps, and dropout (so RNG restore matters).
@@ -545,8 +547,8 @@ def test_resume_with_another_cuda_device_count_is_refused_unless_accepted(straig
     state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
     torch.save(state, last)
     with pytest.raises(SystemExit, match="saved the random state of 3 CUDA devices and this machine has"):
-        ckpt.check_resumed_rng(ckpt.read_checkpoint(last), accept_changes=False)
-    ckpt.check_resumed_rng(ckpt.read_checkpoint(last), accept_changes=True)
+        resume.check_resumed_rng(ckpt.read_checkpoint(last), accept_changes=False)
+    resume.check_resumed_rng(ckpt.read_checkpoint(last), accept_changes=True)
     proc = run_script(["train.py", "--resume", tmp_path / "run"], cwd=REPO_ROOT)
     assert proc.returncode != 0 and "3 CUDA devices" in proc.stderr
 
