@@ -69,6 +69,9 @@ def main(cfg: TrainConfig) -> dict:
 
 
 def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dict:
+    """One run, in the order the module docstring gives. `stop` is polled at step boundaries; `on_exit`
+    collects what must be undone however the run ends. Returns the run directory, the best record, the
+    last validation's metrics, the step count, the model and its EMA (for callers and tests)."""
     # --- set-up --------------------------------------------------------------------------------------
     dist_info, device = distributed.setup(cfg.device)
     world = dist_info.world_size

@@ -23,7 +23,7 @@ from classifier.sampling import EpochSampler
 from classifier.validation import batch_logits
 
 T_MIN, T_MAX = 0.05, 20.0  # beyond these a "temperature" says the val set is degenerate, not the model
-NO_TEMPERATURE = 1.0  # checkpoints and exports from before calibration existed: softmax(logits) as is
+NO_TEMPERATURE = 1.0  # weights with no fitted temperature: softmax(logits) as is
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:

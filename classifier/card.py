@@ -44,6 +44,8 @@ MAPPING_KEYS = (
 
 @dataclass(frozen=True)
 class ModelCard:
+    """The facts of one set of trained weights. Frozen: a changed fact is a new card (`chosen`)."""
+
     classes: tuple[str, ...]  # in training order: logit i is classes[i]
     preprocessing: dict  # transforms.preprocessing_spec: resize, crop, mean, std, interpolation
     model: str  # the --model name; with the two stem fields, enough for models.build_model

@@ -86,7 +86,7 @@ def graph_input_transform(input_kind: str, preprocessing: dict):
 def export_onnx(module: nn.Module, path: Path, example: torch.Tensor, metadata: dict) -> None:
     """Trace `module` (eval mode) to `path` as one file with a dynamic batch axis and `metadata` in the
     file's metadata_props. Raises on any exporter or checker error: there is no fallback exporter."""
-    module.eval()  # BatchNorm and dropout in inference behaviour (DESIGN.md pitfall 5)
+    module.eval()  # BatchNorm's running statistics and no dropout: what inference must compute
     # The example batch must not be 1: torch.export specializes size-1 dimensions to constants.
     example = example.expand(2, *example.shape[1:]).contiguous() if example.shape[0] == 1 else example
     # The dynamo exporter (torch.export + onnxscript) is torch's default and the one still maintained;
