@@ -106,8 +106,9 @@ def restore(
         epoch=resumed["epoch"],
         batches_in_epoch=resumed["batches_in_epoch"],
         val=resumed["val_metrics"],
-        skipped_nonfinite=resumed["skipped_nonfinite"],
-        scaler_skipped=resumed["scaler_skipped"],
+        # Skip counts a checkpoint does not carry start at 0: a resume must not fail on a counter.
+        skipped_nonfinite=resumed.get("skipped_nonfinite", 0),
+        scaler_skipped=resumed.get("scaler_skipped", 0),
     )
 
 

@@ -84,3 +84,81 @@ def test_safetensors_with_metadata(tmp_path):
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
         assert f.metadata() == {"classes": '["a", "b"]', "model": "x"}
         assert torch.equal(f.get_tensor("weight"), conv.weight)
+
+
+def test_make_state_and_restore_round_trip_the_train_state(tmp_path):
+    """Everything the loop keeps in TrainState comes back from a saved checkpoint; skip counts that a
+    checkpoint lacks come back as 0, not as a KeyError."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = ckpt.TrainState(
+        best={"metric": "top1", "value": 0.5, "epoch": 1, "kept": []},
+        weights="raw",
+        drawn=torch.tensor([3, 0, 5]),
+        step=7,
+        epoch=2,
+        batches_in_epoch=4,
+        val={"top1": 0.5},
+        skipped_nonfinite=2,
+        scaler_skipped=1,
+    )
+    saved = ckpt.make_state(
+        state,
+        drawn=state.drawn,
+        model=model,
+        ema=None,
+        optimizer=optimizer,
+        scaler=scaler,
+        train_metrics={},
+        run_facts={"classes": ["a", "b", "c"]},
+        device=torch.device("cpu"),
+    )
+    ckpt.save_checkpoint(saved, tmp_path / "last.pt")
+    loaded = ckpt.load_checkpoint(tmp_path / "last.pt")
+    fresh = torch.nn.Linear(4, 3)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    back = ckpt.restore(
+        loaded,
+        model=fresh,
+        ema=None,
+        optimizer=fresh_optimizer,
+        scaler=scaler,
+        train_metrics={},
+        holds_drawn=True,
+    )
+    assert (back.step, back.epoch, back.batches_in_epoch) == (7, 2, 4)
+    assert (back.best, back.weights, back.val) == (state.best, "raw", {"top1": 0.5})
+    assert torch.equal(back.drawn, torch.tensor([3, 0, 5]))
+    assert (back.skipped_nonfinite, back.scaler_skipped) == (2, 1)
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(
+        fresh_optimizer.state_dict()["state"][0]["momentum_buffer"],
+        optimizer.state_dict()["state"][0]["momentum_buffer"],
+    )
+    other_rank = ckpt.restore(
+        loaded,
+        model=fresh,
+        ema=None,
+        optimizer=fresh_optimizer,
+        scaler=scaler,
+        train_metrics={},
+        holds_drawn=False,
+    )
+    assert torch.equal(other_rank.drawn, torch.zeros(3, dtype=torch.long))  # rank 0 carries the sums
+
+    for key in ("skipped_nonfinite", "scaler_skipped"):
+        del loaded[key]
+    without_counts = ckpt.restore(
+        loaded,
+        model=fresh,
+        ema=None,
+        optimizer=fresh_optimizer,
+        scaler=scaler,
+        train_metrics={},
+        holds_drawn=True,
+    )
+    assert (without_counts.skipped_nonfinite, without_counts.scaler_skipped) == (0, 0)
