@@ -32,7 +32,6 @@ from classifier import models
 from classifier.card import ModelCard
 from classifier.data import build_splits
 from classifier.images import load_image
-from classifier.models import build_model
 from classifier.onnx_export import (
     OPSET,
     OUTPUT_NAME,
@@ -99,9 +98,7 @@ def load_safetensors(path: Path) -> tuple[nn.Module, Source]:
         raise SystemExit(f"error: {path}: {err}; export from the .pt checkpoint instead") from None
     if card.weights is None:
         card = replace(card, weights="unknown")
-    model = build_model(
-        card.model, len(card.classes), small_input_stem=card.small_input_stem, stem_stride=card.stem_stride
-    )
+    model = models.build_from_card(card)
     model.load_state_dict(load_file(path))  # strict: a mismatched architecture fails here, loudly
     return model.eval(), Source(card, path.resolve())
 

@@ -18,6 +18,7 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from classifier.card import ModelCard
 from classifier.checkpoint import FORMAT, inference_weights
 
 
@@ -242,17 +243,22 @@ def read_pretrained(name: str, pretrained: str) -> tuple[dict[str, torch.Tensor]
     return state, f"weights of {path}", None
 
 
-def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
-    """Rebuild the architecture from the checkpoint's config and load the weights its validation chose (EMA
-    or raw: the second value says which), the logit adjustment folded in when there is one; eval mode."""
-    config = checkpoint["config"]
-    model = build_model(
-        config["model"],
-        len(checkpoint["classes"]),
-        small_input_stem=config["small_input_stem"],
-        stem_stride=config["stem_stride"],
+def build_from_card(card: ModelCard) -> nn.Module:
+    """The architecture a card describes, with its head sized for the card's classes; untrained."""
+    return build_model(
+        card.model,
+        len(card.classes),
+        small_input_stem=card.small_input_stem,
+        stem_stride=card.stem_stride,
     )
+
+
+def model_from_checkpoint(checkpoint: dict) -> tuple[nn.Module, str]:
+    """Rebuild the architecture the checkpoint's card describes and load the weights its validation chose
+    (EMA or raw: the second value says which), the logit adjustment folded in when there is one; eval
+    mode."""
     weights, which = inference_weights(checkpoint)
+    model = build_from_card(ModelCard.from_checkpoint(checkpoint, which))
     model.load_state_dict(weights)
     if checkpoint.get("logit_bias") is not None:  # --logit-adjustment: fold it in, as best.safetensors has it
         model.load_state_dict(fold_logit_bias(model, checkpoint["logit_bias"]))
