@@ -318,7 +318,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     raise_if_nonfinite = functools.partial(
         faults.raise_if_nonfinite,
         watch,
-        weights=[model, ema] if ema is not None else [model],
+        modules=[model, ema] if ema is not None else [model],
         sampler=train_sampler,
         samples=splits.train,
         batch_size=cfg.data.batch_size,

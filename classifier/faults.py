@@ -153,7 +153,7 @@ def raise_if_nonfinite(
     watch: NonFiniteWatch,
     *,
     step: int,
-    weights: list[nn.Module],
+    modules: list[nn.Module],
     sampler: EpochSampler,
     samples: list,
     batch_size: int,
@@ -161,12 +161,12 @@ def raise_if_nonfinite(
     write_report: bool,
 ) -> None:
     """Stop the run with a message naming the cause, when the watch saw a NaN/inf loss (its batch's files
-    are written to `report` when `write_report`) or when `weights` (the model, the EMA) hold NaN/inf: a
+    are written to `report` when `write_report`) or when `modules` (the model, the EMA) hold NaN/inf: a
     finite loss followed by an exploding step, say. A sync point; the loop calls it before every save,
     so NaN weights never reach a checkpoint."""
     bad = watch.first()
     if bad is None:
-        broken = checkpoint.nonfinite_tensors(*(module.state_dict() for module in weights))
+        broken = checkpoint.nonfinite_tensors(*(module.state_dict() for module in modules))
         if broken:
             raise SystemExit(
                 f"error: after step {step} the weights hold NaN/inf ({', '.join(broken[:5])}"
