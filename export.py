@@ -56,7 +56,8 @@ class ExportArgs:
     """'none': the graph takes normalized float32 NCHW. 'uint8-*': it takes resized, center-cropped uint8 RGB
     pixels in that layout and normalizes inside."""
     data_root: Path | None = None
-    """Images to verify on (its validation split). Default: the data root the run trained on."""
+    """Images to verify on (its validation split): an ImageFolder root or a manifest. Default: the data
+    root the run trained on."""
     batch_size: int = 32
     """Verification runs at batch 1 and at this batch size, over this many images."""
     atol: float = 1e-3
@@ -154,7 +155,15 @@ def temperature_facts(temperature: float | None) -> dict:
 
 
 def verification_images(
-    root: Path, classes: list[str], val_fraction: float, seed: int, n: int, size: int, *, root_given: bool
+    root: Path,
+    classes: list[str],
+    val_fraction: float,
+    seed: int,
+    n: int,
+    size: int,
+    *,
+    root_given: bool,
+    group_pattern: str | None = None,
 ):
     """(up to `n` real validation images as uint8 CHW, spread over the classes; a line saying what they
     are). Data that is there but does not fit the model (other classes, no images) or a --data-root that
@@ -172,10 +181,10 @@ def verification_images(
             "checked"
         )
     where = "--data-root" if root_given else "the run's data root"
-    if not root.is_dir():
-        raise SystemExit(f"error: {where} {root} is not a folder; nothing was exported")
+    if not root.exists():
+        raise SystemExit(f"error: {where} {root} does not exist; nothing was exported")
     try:
-        splits = build_splits(root, val_fraction, seed, classes=classes)
+        splits = build_splits(root, val_fraction, seed, classes=classes, group_pattern=group_pattern)
     except (FileNotFoundError, ValueError) as err:
         message = f"error: refusing to verify the export on {where} {root}; nothing was exported:\n{err}"
         raise SystemExit(message) from None
@@ -199,6 +208,7 @@ def main(args: ExportArgs) -> Path:
         args.batch_size,
         card.preprocessing["resize_shorter_side"],
         root_given=args.data_root is not None,
+        group_pattern=card.data.group_pattern,
     )
     synthetic = note.startswith("NOTE")
     print(note, file=sys.stderr if synthetic else sys.stdout)

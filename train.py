@@ -33,6 +33,7 @@ from classifier import (
     distributed,
     fastdata,
     faults,
+    groups,
     hardware,
     imbalance,
     losses,
@@ -43,6 +44,7 @@ from classifier import (
     runlog,
     selection,
     transforms,
+    unreadable,
     validation,
 )
 from classifier.card import ModelCard
@@ -537,16 +539,19 @@ def read_data(
             cfg.data.val_fraction,
             cfg.seed,
             classes=resumed["classes"] if resumed is not None else None,
+            group_pattern=cfg.data.group_pattern,
         )
-    except (FileNotFoundError, ValueError) as err:  # each names the root, folder or class at fault
+    except (FileNotFoundError, ValueError) as err:  # each names the root, folder, row or class at fault
         raise SystemExit(f"error: {err}") from None
+    if splits.groups:
+        check_group_overlap(splits, strict=cfg.data.strict_groups, log=log.print)
     if not distributed.all_equal(splits.classes):
         raise SystemExit(
             f"error: the ranks read different class folders from {cfg.data.root}; "
             "is it the same data on every node?"
         )
     if cfg.data.scan_images:
-        splits = data.drop_unreadable(
+        splits = unreadable.drop_unreadable(
             splits,
             cfg.data.root,
             skip=cfg.data.skip_bad_images,
@@ -571,6 +576,20 @@ def read_data(
         )
     log.print(runlog.class_table(splits.classes, counts))
     return splits, counts, fingerprint
+
+
+def check_group_overlap(splits: data.Splits, *, strict: bool, log) -> None:
+    """Log the number of groups, and any group with images both in train and in val or test: frames of
+    one track on both sides make validation measure memory. With `strict`, such a group stops the run."""
+    every = splits.train + splits.val + splits.test
+    log(f"groups: {len({splits.groups[path] for path, _ in every})} (train, val and test together)")
+    for name in ("val", "test"):
+        found = groups.overlap(splits.train, getattr(splits, name), splits.groups)
+        if found["groups"] == 0:
+            continue
+        if strict:
+            raise SystemExit(f"error: {groups.overlap_line(name, found)} (--data.strict-groups)")
+        log(f"WARNING: {groups.overlap_line(name, found)}; --data.strict-groups makes this an error")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from classifier.config import TrainConfig
 
 @dataclass(frozen=True)
 class DataSplit:
-    """Where the validation numbers come from: the run's data root, split by `val_fraction` with `seed`
-    (data.build_splits), so evaluate.py can rebuild the very same val split."""
+    """Where the validation numbers come from: the run's data root (a folder or a manifest), split by
+    `val_fraction` with `seed` and the groups `group_pattern` finds (data.build_splits), so evaluate.py
+    can rebuild the very same val split."""
 
     root: str
     val_fraction: float
     seed: int
+    group_pattern: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,7 +69,12 @@ class ModelCard:
             small_input_stem=cfg.small_input_stem,
             stem_stride=cfg.stem_stride,
             logit_adjustment=cfg.logit_adjustment,
-            data=DataSplit(root=str(cfg.data.root), val_fraction=cfg.data.val_fraction, seed=cfg.seed),
+            data=DataSplit(
+                root=str(cfg.data.root),
+                val_fraction=cfg.data.val_fraction,
+                seed=cfg.seed,
+                group_pattern=cfg.data.group_pattern,
+            ),
         )
 
     @classmethod
@@ -87,6 +94,7 @@ class ModelCard:
                 root=config["data"]["root"],
                 val_fraction=config["data"]["val_fraction"],
                 seed=config["seed"],
+                group_pattern=config["data"].get("group_pattern"),  # None: a config without the field
             ),
             weights=weights,
             temperature=state.get("temperature"),

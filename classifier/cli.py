@@ -55,7 +55,9 @@ def parse_cli(argv: list[str] | None = None, description: str | None = None) -> 
         argv = [*argv, "--resume", str(run_dir)]  # the last --resume wins
         resume = str(run_dir)
     if resume is not None:
-        base = load_run_config(Path(resume))
+        # --accept-config-changes covers the command it is given on: the saved config may hold it from an
+        # earlier resume, and a later plain resume must check the flags and files again.
+        base = dataclasses.replace(load_run_config(Path(resume)), accept_config_changes=False)
     return tyro.cli(TrainConfig, default=base, args=argv, description=description)
 
 

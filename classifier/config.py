@@ -37,7 +37,9 @@ ModelName = Literal[
 @dataclass(frozen=True)
 class DataConfig:
     root: Path = Path("data/fashion-mnist")
-    """ImageFolder root holding `train/` and optionally `val/` and `test/`, one folder per class."""
+    """ImageFolder root holding `train/` and optionally `val/` and `test/`, one folder per class; or a
+    manifest file (.csv with the columns path,label[,split][,group], or .jsonl with those keys), its paths
+    relative to its folder."""
     image_size: int = 224
     """Side of the square image the model sees (train crop and eval crop)."""
     resize_size: int | None = None
@@ -68,8 +70,14 @@ class DataConfig:
     """Probability of erasing a random rectangle (2-33% of the area) of each training image after
     normalization (to 0, the mean colour), as torchvision's reference recipes do; 0 disables it."""
     val_fraction: float = 0.1
-    """When there is no `val/` folder: the fraction of each class held out of `train/` (seeded,
-    stratified)."""
+    """When no val split is given (no `val/` folder, no val rows): the fraction of each class held out of
+    the training images (seeded, stratified by class; whole groups when groups are known)."""
+    group_pattern: str | None = None
+    """Regex with one capture group naming each image's group (track, clip, game) in its path relative
+    to the data root, e.g. '(game\\d+_track\\d+)_'. A manifest's group column does the same. Groups keep
+    near-identical frames of one track on one side of the split; evaluate.py votes per group."""
+    strict_groups: bool = False
+    """Stop when a group has images in train and in val or test, instead of reporting it."""
     batch_size: int = 64
     """Images per device per forward pass. The global batch is batch_size * world size * grad_accum_steps."""
     num_workers: int | Literal["auto"] = "auto"

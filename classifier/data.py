@@ -13,15 +13,16 @@ import hashlib
 import itertools
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from classifier import distributed
+from classifier import manifest
 from classifier.faults import ignore_signals_in_worker
-from classifier.images import IMAGE_EXTENSIONS, load_image, scan_images, write_report
+from classifier.groups import group_split, groups_from_pattern
+from classifier.images import IMAGE_EXTENSIONS, load_image
 from classifier.sampling import EpochSampler
 
 Sample = tuple[str, int]  # (file path, class index)
@@ -85,107 +86,76 @@ class Splits:
     train: list[Sample]
     val: list[Sample]
     test: list[Sample]
+    groups: dict[str, str] = field(default_factory=dict)  # path -> group (track, clip); {}: not known
 
     @property
     def class_to_idx(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes)}
 
 
-def build_splits(root: Path, val_fraction: float, seed: int, classes: list[str] | None = None) -> Splits:
-    """Read root/train, root/val (or a stratified hold-out of train) and root/test when present.
-    Pass `classes` (from a checkpoint) to insist on a known mapping instead of reading it from train/."""
+def build_splits(
+    root: Path,
+    val_fraction: float,
+    seed: int,
+    classes: list[str] | None = None,
+    group_pattern: str | None = None,
+) -> Splits:
+    """Read an ImageFolder root (train/, optionally val/ and test/) or a manifest file (manifest.py).
+
+    The classes are those of the training images (numeric names in numeric order); pass `classes` (from a
+    checkpoint) to insist on a known mapping instead. Groups come from `group_pattern` or a manifest's
+    group column. Without a val split, val is held out of train: whole groups when groups are known
+    (groups.group_split), else images, stratified by class (stratified_split)."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data.root {root} does not exist")
-    found = find_classes(root / "train")
+    if manifest.is_manifest(root):
+        rows = manifest.read_manifest(root)
+        found = sorted({row.label for row in rows if row.split in (None, "train")}, key=class_sort_key)
+        folder, source = root.parent, root
+    elif root.is_dir():
+        rows = None
+        found = find_classes(root / "train")
+        folder, source = root, root / "train"
+    else:
+        raise FileNotFoundError(f"--data.root {root} is neither a folder nor a manifest (.csv or .jsonl)")
     if classes is not None and found != list(classes):
-        raise ValueError(describe_class_mismatch(list(classes), found, root / "train"))
+        raise ValueError(describe_class_mismatch(list(classes), found, source))
     classes = found
     class_to_idx = {name: i for i, name in enumerate(classes)}
-    train = list_images(root / "train", class_to_idx)
-    if not train:
-        raise ValueError(f"no image files under {root / 'train'} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    if (root / "val").is_dir():
-        val = list_images(root / "val", class_to_idx)
+    if rows is not None:
+        listed, groups = manifest.samples_by_split(rows, class_to_idx)
+        train, val, test = listed["train"], listed["val"] or None, listed["test"]
     else:
+        train = list_images(root / "train", class_to_idx)
+        val = list_images(root / "val", class_to_idx) if (root / "val").is_dir() else None
+        test = list_images(root / "test", class_to_idx) if (root / "test").is_dir() else []
+        groups = {}
+    if not train:
+        raise ValueError(f"no image files under {source} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    if group_pattern is not None:
+        if groups:
+            raise ValueError(f"{root} has a group column and --data.group-pattern is given: use one of them")
+        groups = groups_from_pattern([path for path, _ in train + (val or []) + test], group_pattern, folder)
+    if val is None and groups:
+        train, val, one_group = group_split(train, groups, val_fraction, seed)
+        if one_group:
+            warnings.warn(
+                f"classes whose images all lie in one group stay in train, with no val image: "
+                f"{[classes[c] for c in one_group]}",
+                stacklevel=2,
+            )
+    elif val is None:
         train, val = stratified_split(train, val_fraction, seed)
-    test = list_images(root / "test", class_to_idx) if (root / "test").is_dir() else []
     empty_train = classes_without_images(train, classes)
     if empty_train:
-        raise ValueError(f"class folders with no training images in {root / 'train'}: {empty_train}")
+        raise ValueError(f"classes with no training images in {source}: {empty_train}")
     empty_val = classes_without_images(val, classes)
     if empty_val:
         warnings.warn(f"classes with no validation images: {empty_val}", stacklevel=2)
-    return Splits(classes, train, val, test)
+    return Splits(classes, train, val, test, groups)
 
 
 def classes_without_images(samples: Sequence[Sample], classes: list[str]) -> list[str]:
     return [classes[c] for c in (class_counts(samples, len(classes)) == 0).nonzero().flatten().tolist()]
-
-
-def without(splits: Splits, bad: set[str]) -> Splits:
-    """The same splits with the files in `bad` left out."""
-    keep = lambda samples: [s for s in samples if s[0] not in bad]  # noqa: E731
-    return Splits(splits.classes, keep(splits.train), keep(splits.val), keep(splits.test))
-
-
-def drop_unreadable(
-    splits: Splits,
-    root: Path,
-    *,
-    skip: bool,
-    workers: int,
-    rank: int,
-    world_size: int,
-    report: Path | None,
-    log,
-) -> Splits:
-    """Decode every file of every split once (under DDP each rank its share, then merged). Unreadable
-    files stop the run with their names, or with `skip` are left out and listed in `report`. A class
-    that has no training image left then is an error, as in build_splits; a class with no validation
-    image left is a warning, as there (it drops out of balanced accuracy and AUROC)."""
-    paths = sorted({p for p, _ in splits.train + splits.val + splits.test})
-    bad = distributed.merge_dicts(scan_images(paths[rank::world_size], workers=workers))
-    if not bad:
-        return splits
-    if not skip:
-        listing = "\n  ".join(f"{p}: {reason}" for p, reason in sorted(bad.items())[:20])
-        raise SystemExit(
-            f"error: {len(bad)} unreadable image files under {root}:\n  {listing}\n"
-            "fix or remove them, or pass --data.skip-bad-images to leave them out"
-        )
-    if report is not None:
-        write_report(bad, report)
-    log(f"left out {len(bad)} unreadable images, listed in {report}")
-    kept = without(splits, set(bad))
-    # `bad` holds every rank's findings, so every rank judges the whole list and all of them stop together.
-    # Unchecked, a class whose training files were all unreadable would train with loss weight 0, unseen.
-    emptied = classes_without_images(kept.train, kept.classes)
-    if emptied:
-        lines = []
-        for name in emptied:
-            files = [p for p, label in splits.train if splits.classes[label] == name]
-            more = f" and {len(files) - 5} more" if len(files) > 5 else ""
-            lines.append(f"{name}: {', '.join(files[:5])}{more}")
-        listed = f" (all listed in {report})" if report is not None else ""
-        raise SystemExit(
-            f"error: with the unreadable images left out, these classes under {root} have no "
-            f"training images{listed}:\n  " + "\n  ".join(lines) + "\nfix or replace those "
-            "files: --data.skip-bad-images leaves out files, not whole classes"
-        )
-    # Validation keeps build_splits's rule, a warning; for the classes this scan emptied (build_splits has
-    # named the others).
-    emptied_val = [
-        name
-        for name in classes_without_images(kept.val, kept.classes)
-        if name not in classes_without_images(splits.val, splits.classes)
-    ]
-    if emptied_val:
-        warnings.warn(
-            f"classes with no validation images once unreadable ones are left out: {emptied_val}",
-            stacklevel=2,
-        )
-    return kept
 
 
 def describe_class_mismatch(expected: list[str], found: list[str], where: Path) -> str:

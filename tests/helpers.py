@@ -40,3 +40,22 @@ def exit_status(stop: SystemExit) -> int:
     if stop.code is None:
         return 0
     return stop.code if isinstance(stop.code, int) else 1
+
+
+# The cheapest real training run: one epoch of a small model from scratch on 28-pixel images, loaded in
+# the test's own process. Add --data.root, --out-dir and --name.
+TINY_RUN = [
+    "--model",
+    "small_resnet",
+    "--pretrained",
+    "None",
+    "--epochs",
+    "1",
+    "--data.image-size",
+    "28",
+    "--data.resize-size",
+    "28",
+    "--data.num-workers",
+    "0",
+    "--no-progress",
+]

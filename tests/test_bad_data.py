@@ -13,8 +13,9 @@ from helpers import run_script
 from PIL import Image, ImageOps
 
 from classifier import distributed
-from classifier.data import build_splits, drop_unreadable
+from classifier.data import build_splits
 from classifier.images import load_image, scan_images
+from classifier.unreadable import drop_unreadable
 
 
 def png_bytes(image: Image.Image) -> bytes:

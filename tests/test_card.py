@@ -59,7 +59,13 @@ def test_mapping_round_trip_gives_the_same_card(known):
     assert ModelCard.from_mapping(json_round_trip(mapping)) == card
     assert mapping["idx_to_class"] == {"0": "2", "1": "7", "2": "10"}
     assert mapping["class_to_idx"] == {"2": 0, "7": 1, "10": 2}
-    assert mapping["data"] == {"root": "/data/jerseys", "val_fraction": 0.2, "seed": 3}
+    assert mapping["data"] == {"root": "/data/jerseys", "val_fraction": 0.2, "seed": 3, "group_pattern": None}
+
+
+def test_a_mapping_without_a_group_pattern_reads_as_no_groups():
+    mapping = run_card().to_mapping()
+    del mapping["data"]["group_pattern"]
+    assert ModelCard.from_mapping(mapping).data.group_pattern is None
 
 
 def test_to_mapping_leaves_out_what_is_not_known():

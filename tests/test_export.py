@@ -338,7 +338,7 @@ def test_refuses_data_it_cannot_verify_on(case, exported, tmp_path, capsys):
     assert exit_status(refused.value) == 1 and "nothing was exported" in message
     named = {
         "given": f"--data-root {other};",
-        "given-missing": f"--data-root {tmp_path / 'gone'} is not a folder",
+        "given-missing": f"--data-root {tmp_path / 'gone'} does not exist",
         "recorded": f"the run's data root {other};",
     }
     assert named[case] in message
