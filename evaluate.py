@@ -2,12 +2,18 @@
 
     python evaluate.py runs/NAME/checkpoints/best.pt --split test        # -> .../checkpoints/best-eval-test/
     python evaluate.py runs/NAME/checkpoints/best-export/model.onnx --data.root DIR --out report/
+    python evaluate.py runs/NAME/checkpoints/best.pt --split train      # label issues of the training images
 
 The split is rebuilt with data.build_splits and the run's seed and val fraction, so `val` is exactly the
 images the run validated on; data whose classes disagree with the model's mapping is refused. Writes
 metrics.json, confusion matrices (PNG and CSV), per_class.csv (worst first), confused_pairs.csv,
 predictions.csv, errors.png (the most confidently wrong images) and reliability.png (calibration before and
 after the temperature the model carries: softmax(logits / T), fitted by train.py on the val split).
+label_issues.csv ranks every image by how much the model doubts its label, most doubted first, and
+label_issues.png shows the top of that queue (classifier/label_issues.py; on `--split train` the scores
+are in-sample). When the data's groups are known (the run's --data.group-pattern, a manifest's group
+column, or this command's --data.group-pattern), each group (track, clip) also gets one vote, the argmax
+of its images' mean calibrated probability: metrics.json's "groups" and groups.csv (group_report.py).
 
 predictions.csv has both confidences of the predicted class: `confidence` is softmax(logits), as the
 model's logits give it (what errors.png shows), and `confidence_calibrated` is softmax(logits / T) with
@@ -29,10 +35,11 @@ import torch
 import tyro
 
 from classifier import checkpoint as ckpt
-from classifier import files, models, plots
+from classifier import files, label_issues, models, plots
 from classifier.calibration import NO_TEMPERATURE
 from classifier.card import ModelCard
 from classifier.data import ImageDataset, build_splits, make_loader
+from classifier.group_report import GroupVote, group_rows, groups_for_eval, judge_groups, summary_lines
 from classifier.images import load_image
 from classifier.onnx_export import (
     graph_input_transform,
@@ -59,14 +66,19 @@ class EvalData:
     """Images per forward pass."""
     num_workers: int = 0
     """DataLoader worker processes (0 loads in this process)."""
+    group_pattern: str | None = None
+    """Regex with one capture group naming each image's group (track, clip) in its path relative to the
+    data root, for the per-group vote. Default: the run's --data.group-pattern (or a manifest's group
+    column). The split stays the run's either way."""
 
 
 @dataclass(frozen=True)
 class EvalArgs:
     model: tyro.conf.Positional[Path]
     """A checkpoint (.pt), a run directory (its checkpoints/last.pt) or an exported model.onnx."""
-    split: Literal["val", "test"] = "val"
-    """`val` is the run's own validation split (same seed and fraction); `test` is DATA_ROOT/test."""
+    split: Literal["train", "val", "test"] = "val"
+    """`val` is the run's own validation split (same seed, fraction and groups); `test` is DATA_ROOT/test
+    (or a manifest's test rows); `train` the images the run trained on (without a val held out of them)."""
     out: Path | None = None
     """Report folder. Default: <stem>-eval-<split>/ beside the model file actually read
     (last.prev-eval-<split>/ when last.pt was unreadable and last.prev.pt was used)."""
@@ -75,6 +87,8 @@ class EvalArgs:
     """PyTorch checkpoints only: 'auto' (CUDA when available), 'cpu', 'cuda'. ONNX runs on the CPU."""
     errors: int = 36
     """How many of the most confidently wrong images errors.png shows."""
+    label_issues: int = 36
+    """How many of the most doubted labels label_issues.png shows."""
 
 
 @dataclass
@@ -230,15 +244,28 @@ def write_pictures(
     )
 
 
+def write_groups(out: Path, vote: GroupVote, classes: list[str]) -> None:
+    """groups.csv: one row per group, wrong groups first (group_report.group_rows)."""
+    header, rows = group_rows(vote, classes)
+    files.write_text(out / "groups.csv", to_csv(header, rows))
+
+
 def main(args: EvalArgs) -> dict:
     model = load_classifier(args.model, args.device)
     card, classes = model.card, list(model.card.classes)
     root = args.data.root or Path(card.data.root)
     try:
-        splits = build_splits(root, card.data.val_fraction, card.data.seed, classes=classes)
+        splits = build_splits(
+            root,
+            card.data.val_fraction,
+            card.data.seed,
+            classes=classes,
+            group_pattern=card.data.group_pattern,
+        )
+        samples = getattr(splits, args.split)
+        groups = groups_for_eval(splits, root, args.data.group_pattern, card.data.group_pattern)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: refusing to evaluate {model.source} on {root}:\n{err}") from None
-    samples = splits.val if args.split == "val" else splits.test
     if not samples:
         raise SystemExit(f"error: {root} has no {args.split} images")
     out = args.out or model.source.parent / f"{model.source.stem}-eval-{args.split}"
@@ -256,6 +283,7 @@ def main(args: EvalArgs) -> dict:
     logits = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
 
+    temperature = card.temperature or NO_TEMPERATURE
     report = {
         "model": str(model.source),
         "backend": model.backend,
@@ -264,11 +292,29 @@ def main(args: EvalArgs) -> dict:
         "data_root": str(root),
         **compute_report(logits, labels, classes),
         # ece/nll as the logits give them, and *_calibrated after dividing by the model's temperature
-        **calibration_summary(logits, labels, card.temperature or NO_TEMPERATURE),
+        **calibration_summary(logits, labels, temperature),
         "temperature_fitted": card.temperature is not None,
+        "groups": None,  # filled below when the data's groups are known
     }
+    if groups:
+        calibrated = (logits.float() / temperature).softmax(dim=1)
+        train = splits.train if args.split != "train" else None
+        vote, report["groups"] = judge_groups(calibrated, labels, samples, groups, train)
+        write_groups(out, vote, classes)
     write_tables(out, report, samples, logits, labels)
     write_pictures(out, report, samples, logits, labels, card.preprocessing, args.errors)
+    label_issues.write_queue(
+        out,
+        samples,
+        logits,
+        labels,
+        classes,
+        temperature=temperature,
+        held_out=args.split != "train",
+        gallery=args.label_issues,
+        preprocessing=card.preprocessing,
+        groups=groups,
+    )
 
     top5 = f" | top-5 {report['top5']:.4f}" if report["top5"] is not None else ""
     print(
@@ -287,8 +333,12 @@ def main(args: EvalArgs) -> dict:
             f"ECE {report['ece']:.4f} -> {report['ece_calibrated']:.4f} | "
             f"NLL {report['nll']:.4f} -> {report['nll_calibrated']:.4f}"
         )
+    if report["groups"]:
+        print("\n".join(summary_lines(report["groups"], args.split)))
     worst = ", ".join(f"{r['class']} {r['f1']:.2f}" for r in worst_first(report["per_class"])[:5])
-    print(f"worst classes by F1: {worst}\nwrote {out}/")
+    print(f"worst classes by F1: {worst}")
+    print(label_issues.queue_line(out, len(samples), args.label_issues, held_out=args.split != "train"))
+    print(f"wrote {out}/")
     return report
 
 

@@ -36,6 +36,7 @@ from classifier import (
     groups,
     hardware,
     imbalance,
+    label_issues,
     losses,
     models,
     optim,
@@ -505,6 +506,23 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         channels_last=channels_last,
         log=log,
     )
+    # The label-issue queue: the training images as validation sees them (no augmentation), in file order.
+    if cfg.label_issues and not cfg.debug:
+        train_as_val = data.ImageDataset(splits.train, transforms.eval_transform(preprocessing))
+        in_order = EpochSampler(len(train_as_val), shuffle=False, rank=dist_info.rank, world_size=world)
+        queue_loader = data.make_loader(train_as_val, in_order, drop_last=False, **loader_args)
+        on_exit.callback(faults.shutdown_workers, queue_loader)
+        label_issues.queue_training_images(
+            run_dir,
+            splits.train,
+            classes,
+            queue_loader,
+            groups=splits.groups,
+            device=device,
+            autocast=autocast,
+            channels_last=channels_last,
+            log=log,
+        )
     log.print(
         f"done: {run_dir} | best val {cfg.select_metric} {state.best['value']:.4f} "
         f"at epoch {state.best['epoch']}"

@@ -88,18 +88,16 @@ def collect_logits(
     return distributed.gather_strided((logits, targets), num_samples)
 
 
-def calibrate_best(
+def best_logits(
     run_dir: Path,
-    val_loader,
+    loader,
     *,
     device: torch.device,
     autocast: AbstractContextManager,
     channels_last: bool,
-    log,
-) -> float | None:
-    """Fit T on the validation split with best.pt's inference weights, store it in best.pt, in last.pt
-    when that holds the same weights, and in best.safetensors; None without best.pt. Every rank must
-    call it (the logits are gathered); rank 0 writes. Training's RNG streams are left exactly as they
+) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
+    """(best.pt's state, its inference weights' logits over `loader`, the labels); None without best.pt.
+    Every rank must call it (the logits are gathered). Training's RNG streams are left exactly as they
     were: building the model draws a random init before the weights are loaded."""
     best_path = Path(run_dir) / "checkpoints" / "best.pt"
     if not best_path.is_file():
@@ -111,8 +109,27 @@ def calibrate_best(
         model, _ = models.model_from_checkpoint(state)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         logits, targets = collect_logits(
-            model, val_loader, device=device, autocast=autocast, channels_last=channels_last
+            model, loader, device=device, autocast=autocast, channels_last=channels_last
         )
+    return state, logits, targets
+
+
+def calibrate_best(
+    run_dir: Path,
+    val_loader,
+    *,
+    device: torch.device,
+    autocast: AbstractContextManager,
+    channels_last: bool,
+    log,
+) -> float | None:
+    """Fit T on the validation split with best.pt's inference weights, store it in best.pt, in last.pt
+    when that holds the same weights, and in best.safetensors; None without best.pt. Every rank must
+    call it (the logits are gathered); rank 0 writes."""
+    found = best_logits(run_dir, val_loader, device=device, autocast=autocast, channels_last=channels_last)
+    if found is None:
+        return None
+    state, logits, targets = found
     if len(targets) == 0:
         log.print("calibration skipped: the validation split is empty")
         return None

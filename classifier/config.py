@@ -103,6 +103,12 @@ class DataConfig:
     """Decode every image once before training, so a bad file is named at start, not in epoch 3."""
     skip_bad_images: bool = False
     """Leave unreadable images out (listed in RUN/bad_images.txt) instead of stopping with their names."""
+    audit: bool = True
+    """Before training, hash every image (pHash) and count the val and test images with a near twin in
+    train, and near-duplicates within train (RUN/audit/: twins.csv, twins.png, summary.json).
+    `python -m classifier.audit DATA` runs the same audit alone."""
+    audit_threshold: int = 6
+    """Hamming distance (of 64 bits) within which two images' hashes make them near twins."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,10 @@ class TrainConfig:
     keep_best: int = 1
     """Besides best.pt and last.pt, keep checkpoints/epoch-NNN.pt of the best k epochs (k > 1), pruning
     the rest."""
+    label_issues: bool = True
+    """After training, rank the training images by how much best.pt doubts their given label
+    (RUN/label_issues/: label_issues.csv, the whole queue, and label_issues.png, its top), so a person
+    reviews the likeliest labelling mistakes first. One inference pass over the train split."""
     seed: int = 0
     """Seeds model init, data order and augmentation; the same seed reproduces a run on CPU bit for bit."""
     name: str | None = None

@@ -81,6 +81,10 @@ HARMLESS_ON_RESUME = {
     "data.num_workers",
     "data.cache_dir",
     "debug_overfit_failure",
+    "label_issues",
+    "data.audit",
+    "data.audit_threshold",
+    "data.strict_groups",
 }
 
 

@@ -12,16 +12,20 @@ import torch
 from helpers import REPO_ROOT, run_script
 from PIL import Image
 from test_export import tiny_fallback_run, tiny_fmnist_export, tiny_fmnist_run
+from test_groups import PATTERN as TRACK_PATTERN
+from test_groups import tracked_copy
 
 import evaluate
 from classifier import checkpoint as ckpt
 from classifier import models
-from classifier.data import build_splits
+from classifier.data import Splits, build_splits
 from classifier.fashion_mnist import CLASSES
+from classifier.group_report import group_rows, group_summary, groups_for_eval, vote_by_group
 from classifier.images import load_image
 from classifier.report import compute_report, confident_errors, worst_first
 from classifier.transforms import eval_transform
 
+CLASSES_SORTED = sorted(CLASSES)  # the class order a run trained on the Fashion-MNIST folders has
 # Numbers that count images agree exactly; those that use probabilities may differ by float rounding.
 COUNT_METRICS = ("top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy")
 PROBABILITY_METRICS = ("macro_auroc", "ece", "loss", "nll", "ece_calibrated", "nll_calibrated", "temperature")
@@ -256,3 +260,169 @@ def test_confident_errors_most_confident_first():
     logits = one_hot_logits([0, 0, 1, 1, 0], 2, [1.0, 2.0, 1.0, 4.0, 3.0])
     assert confident_errors(logits, labels, limit=10) == [3, 4, 1]
     assert confident_errors(logits, labels, limit=2) == [3, 4]
+
+
+# --- label issues and groups --------------------------------------------------------------------------
+
+
+def test_every_report_ranks_its_labels_held_out_on_val(checkpoint_report):
+    report = json.loads((checkpoint_report / "metrics.json").read_text())
+    assert report["groups"] is None and not (checkpoint_report / "groups.csv").exists()  # no groups known
+    rows = read_csv(checkpoint_report / "label_issues.csv")
+    assert [int(row["rank"]) for row in rows] == list(range(1, 11))
+    assert {row["held_out"] for row in rows} == {"1"} and "group" not in rows[0]
+    p_given = [float(row["p_given"]) for row in rows]
+    assert p_given == sorted(p_given)
+    predictions = {row["path"]: row for row in read_csv(checkpoint_report / "predictions.csv")}
+    for row in rows:
+        assert predictions[row["path"]]["predicted"] == row["predicted"]
+        # The predicted class's calibrated probability, as predictions.csv gives it (to 4 decimals).
+        assert float(row["p_predicted"]) == pytest.approx(
+            float(predictions[row["path"]]["confidence_calibrated"]), abs=1e-4
+        )
+        assert (float(row["margin"]) < 0) == (row["given"] != row["predicted"])
+    with Image.open(checkpoint_report / "label_issues.png") as image:
+        assert image.format == "PNG"
+
+
+def probabilities(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_group_vote_is_the_argmax_of_the_mean_probability():
+    # Three classes, the third never seen: it stays out of the macro F1 (1/3 of it would be a 0).
+    crops = [
+        ("A", 0, [0.45, 0.55, 0.0]),  # A: most crops say 1, but the mean says 0 (its true label)
+        ("B", 0, [0.55, 0.45, 0.0]),  # B: most crops say 0 (right), the mean says 1
+        ("C", 1, [0.2, 0.8, 0.0]),
+        ("A", 0, [0.45, 0.55, 0.0]),
+        ("B", 0, [0.55, 0.45, 0.0]),
+        ("C", 0, [0.2, 0.8, 0.0]),  # C: labels 1, 1, 0: label 1, a group with mixed labels
+        ("A", 0, [0.95, 0.05, 0.0]),
+        ("B", 0, [0.0, 1.0, 0.0]),
+        ("C", 1, [0.2, 0.8, 0.0]),
+    ]
+    vote = vote_by_group(
+        probabilities([p for _, _, p in crops]),
+        torch.tensor([y for _, y, _ in crops]),
+        [g for g, _, _ in crops],
+    )
+    assert vote.names == ["A", "B", "C"]
+    assert vote.labels.tolist() == [0, 0, 1] and vote.predicted.tolist() == [0, 1, 1]
+    assert vote.p_predicted.tolist() == pytest.approx([1.85 / 3, 1.9 / 3, 0.8])
+    assert vote.images.tolist() == [3, 3, 3] and vote.mixed_labels.tolist() == [False, False, True]
+
+    summary = group_summary(vote, num_classes=3)
+    assert summary["top1"] == pytest.approx(2 / 3) and summary["num_groups"] == 3
+    # class 0: precision 1, recall 1/2; class 1: precision 1/2, recall 1: F1 2/3 each.
+    assert summary["macro_f1"] == pytest.approx(2 / 3)
+    assert summary["mixed_labels"] == 1 and summary["num_images"] == 9
+
+    header, rows = group_rows(vote, ["a", "b", "c"])
+    assert header == ["group", "label", "predicted", "images", "p_predicted", "correct", "mixed_labels"]
+    # Wrong groups first, then the right ones least confident first.
+    assert [row[0] for row in rows] == ["B", "A", "C"]
+    assert rows[0] == ["B", "a", "b", 3, "0.6333", 0, 0]
+
+
+def test_a_tie_in_labels_goes_to_the_first_class():
+    vote = vote_by_group(probabilities([[0.5, 0.5], [0.1, 0.9]]), torch.tensor([1, 0]), ["t", "t"])
+    assert (
+        vote.labels.tolist() == [0]
+        and vote.predicted.tolist() == [1]
+        and vote.mixed_labels.tolist() == [True]
+    )
+
+
+def test_groups_for_eval_takes_the_runs_groups_unless_overridden(tmp_path):
+    paths = [str(tmp_path / "train" / "a" / f"trk{t}_f{f}.png") for t in range(2) for f in range(2)]
+    column = {path: f"game{i % 2}" for i, path in enumerate(paths)}  # as a manifest's group column gives
+    splits = Splits(["a"], [(path, 0) for path in paths], [], [], column)
+    assert groups_for_eval(splits, tmp_path, None, None) is column
+    assert groups_for_eval(splits, tmp_path, r"(trk\d)_", r"(trk\d)_") is column  # the run's own pattern
+    with pytest.raises(ValueError, match="group column and --data.group-pattern"):
+        groups_for_eval(splits, tmp_path / "data.csv", r"(trk\d)_", None)
+    # An override of the run's pattern: the new groups, matched on paths relative to the data root.
+    splits = Splits(["a"], [(path, 0) for path in paths], [], [], {path: "x" for path in paths})
+    regrouped = groups_for_eval(splits, tmp_path, r"^train/a/(trk\d)_", r"(x)")
+    assert regrouped == {path: Path(path).name[:4] for path in paths}
+    with pytest.raises(ValueError, match="finds no group"):
+        groups_for_eval(splits, tmp_path, r"(game\d)", r"(x)")
+
+
+@pytest.fixture(scope="module")
+def grouped_checkpoint(run_and_onnx, fmnist_small_root, tmp_path_factory) -> Path:
+    """The tiny run's best.pt as if trained with --data.group-pattern on its data cut into tracks of 4
+    frames (3 tracks a class in train, 1 in test): the model is not under test, the groups are."""
+    run_dir, _ = run_and_onnx
+    base = tmp_path_factory.mktemp("grouped")
+    root = tracked_copy(fmnist_small_root, base / "tracks", frames=4)
+    state = ckpt.load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    state["config"]["data"].update(root=str(root), group_pattern=TRACK_PATTERN)
+    ckpt.save_checkpoint(state, base / "grouped.pt")
+    return base / "grouped.pt"
+
+
+def test_reports_one_vote_per_track(grouped_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "write_pictures", lambda *args, **kwargs: None)  # seconds, tested above
+    report = evaluate.main(
+        evaluate.EvalArgs(grouped_checkpoint, split="test", out=tmp_path, errors=4, label_issues=4)
+    )
+    printed = capsys.readouterr().out
+    groups = report["groups"]
+    assert (groups["num_groups"], groups["num_images"], groups["mixed_labels"]) == (10, 40, 0)
+    assert groups["images_per_group"] == {"min": 4, "median": 4.0, "max": 4}
+    assert groups["also_in_train"]["groups"] == 0 and "WARNING" not in printed
+    assert "groups: 10 (40 images, median 4 a group), one vote each" in printed
+    assert json.loads((tmp_path / "metrics.json").read_text())["groups"] == groups
+
+    # The vote, recomputed from the model's logits: mean of softmax(logits / T) over each track's frames.
+    state = ckpt.load_checkpoint(grouped_checkpoint)
+    model, _ = models.model_from_checkpoint(state)
+    data = state["config"]["data"]
+    samples = build_splits(Path(data["root"]), data["val_fraction"], state["config"]["seed"]).test
+    to_model = eval_transform(state["preprocessing"])
+    with torch.no_grad():
+        logits = model(torch.stack([to_model(load_image(path)) for path, _ in samples]))
+    calibrated = (logits.double() / state["temperature"]).softmax(dim=1)
+    by_track: dict[str, list[int]] = {}
+    for i, (path, _) in enumerate(samples):
+        by_track.setdefault(Path(path).name.split("_")[0], []).append(i)
+    rows = {row["group"]: row for row in read_csv(tmp_path / "groups.csv")}
+    assert sorted(rows) == sorted(by_track)
+    correct = 0
+    for track, members in by_track.items():
+        mean = calibrated[members].mean(dim=0)
+        label = CLASSES_SORTED[samples[members[0]][1]]
+        row = rows[track]
+        assert (row["label"], row["images"], row["mixed_labels"]) == (label, "4", "0")
+        assert row["predicted"] == CLASSES_SORTED[int(mean.argmax())]
+        assert float(row["p_predicted"]) == pytest.approx(mean.max().item(), abs=1e-4)
+        correct += row["predicted"] == label
+    assert groups["top1"] == pytest.approx(correct / 10)
+    assert {row["group"] for row in read_csv(tmp_path / "label_issues.csv")} == set(by_track)
+
+
+def test_a_group_pattern_given_to_evaluate_overrides_the_runs(run_and_onnx, tmp_path, capsys, monkeypatch):
+    """The tiny run knows no groups; grouping its test images by the last digit of their file names
+    mixes classes, and the same digits occur in train: both are reported."""
+    monkeypatch.setattr(evaluate, "write_pictures", lambda *args, **kwargs: None)  # seconds, tested above
+    run_dir, _ = run_and_onnx
+    args = evaluate.EvalArgs(
+        run_dir / "checkpoints" / "best.pt",
+        split="test",
+        out=tmp_path,
+        errors=4,
+        label_issues=4,
+        data=evaluate.EvalData(group_pattern=r"(\d)\.png$"),
+    )
+    groups = evaluate.main(args)["groups"]
+    printed = capsys.readouterr().out
+    labels_by_digit: dict[str, set[str]] = {}
+    for row in read_csv(tmp_path / "predictions.csv"):
+        labels_by_digit.setdefault(row["path"][-5], set()).add(row["true"])
+    assert groups["num_groups"] == len(labels_by_digit) and groups["num_images"] == 40
+    assert groups["mixed_labels"] == sum(len(labels) > 1 for labels in labels_by_digit.values()) > 0
+    assert (
+        groups["also_in_train"]["groups"] > 0 and "WARNING" in printed and "numbers are optimistic" in printed
+    )

@@ -3,6 +3,7 @@ are reported or refused, and a bad --data.group-pattern is named."""
 
 from __future__ import annotations
 
+import csv
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -138,3 +139,9 @@ def test_train_py_splits_by_group_and_evaluate_rebuilds_that_split(fmnist_small_
     )
     assert len(rebuilt.val) == sum(state["dataset"]["counts"]["val"]) == 40  # one track of 4 images per class
     assert not {group_of(p) for p, _ in rebuilt.val} & {group_of(p) for p, _ in rebuilt.train}
+    # the end of training: the label-issue queue over the training images, each with its group
+    with (Path(result["run_dir"]) / "label_issues" / "label_issues.csv").open() as file:
+        queue = list(csv.DictReader(file))
+    assert sorted(row["path"] for row in queue) == sorted(path for path, _ in rebuilt.train)
+    assert all(row["group"] == group_of(row["path"]) and row["held_out"] == "0" for row in queue)
+    assert [float(row["p_given"]) for row in queue] == sorted(float(row["p_given"]) for row in queue)
