@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from classifier import (
+    audit,
     calibration,
     checkpoint,
     cli,
@@ -593,6 +594,21 @@ def read_data(
             log=log.print,
         )
     log.print(runlog.class_table(splits.classes, counts))
+    if cfg.data.audit and dist_info.is_main:
+        # Near-twin images across the splits: the summary is logged, the pairs go to RUN/audit/.
+        audit_dir = run_dir / "audit"
+        same_files = resumed is not None and resumed["dataset"] == fingerprint
+        if same_files and (audit_dir / "summary.json").is_file():
+            log.print(f"audit: unchanged since the run started, on the same files ({audit_dir})")
+        else:
+            audit.run_audit(
+                splits,
+                audit_dir,
+                threshold=cfg.data.audit_threshold,
+                workers=max(1, workers),
+                log=log.print,
+            )
+    distributed.barrier()  # the other ranks wait for the audit
     return splits, counts, fingerprint
 
 
