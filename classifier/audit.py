@@ -53,6 +53,9 @@ from classifier.manifest import is_manifest
 # of one kind share (different sneakers hash within 2 bits of each other at 0-7); 2-9 keeps the detail.
 # Why not dHash: it compares neighbouring pixels, which on a flat background are equal until noise flips
 # the bit. summary.json's histogram of nearest distances shows where the twins of new data lie.
+# A second check of each candidate's pixels was measured and not adopted: on the 100,000 crops no cut of
+# the thumbnails' correlation (nor of frequencies 3-15 only) halved the false share while losing at most
+# 3 points of found (frequencies 3-15 at 0.90: found 80% instead of 85%, false 22% instead of 47%).
 THUMBNAIL_PX = 32
 FREQUENCIES = range(2, 10)  # 8 x 8 DCT frequencies give the 64 bits: 2-9 in each direction
 DEFAULT_THRESHOLD = 6
