@@ -153,12 +153,20 @@ def details(found: dict) -> str:
 
 def twins_figure(rows: list[TwinRow], threshold: int) -> Figure:
     """The closest cross-split twins, each image beside its twin; a pair with two labels titled in red."""
-    if not rows:
-        fig = Figure(figsize=(6, 1.5), layout="constrained")
-        fig.text(
-            0.5, 0.5, f"no cross-split twins within pHash distance {threshold}", ha="center", va="center"
-        )
-        return fig
+    images, titles, colors = [], [], []
+    for row in rows:
+        images += [load_image(row.path), load_image(row.twin_path)]
+        titles += [
+            f"{row.split}: {plots.shorten(row.label, 14)}\n{plots.shorten(row.group, 14)}",
+            f"{row.twin_split}: {plots.shorten(row.twin_label, 14)}\ndistance {row.distance}",
+        ]
+        colors += ["darkred" if row.label != row.twin_label else "black"] * 2
+    heading = (
+        f"Closest cross-split twins ({len(rows)} shown, pHash distance <= {threshold}; red: labels differ)"
+        if rows
+        else f"no cross-split twins within pHash distance {threshold}"
+    )
+    return plots.tiles_figure(images, titles, heading, cols=2 * PAIRS_PER_ROW, colors=colors)
     grid_rows = math.ceil(len(rows) / PAIRS_PER_ROW)
     columns = 2 * min(PAIRS_PER_ROW, len(rows))
     fig = Figure(figsize=(columns * 1.7, grid_rows * 2.2 + 0.5), layout="constrained")

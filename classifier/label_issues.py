@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,32 +179,11 @@ def label_issues_figure(
 ) -> Figure:
     """The most doubted labels, in queue order: each image (uint8 CHW tensor) titled with its rank, given
     label, predicted class and the given label's probability."""
-    n, cols = len(images), min(6, max(1, len(images)))
-    rows = max(1, math.ceil(n / cols))
-    # One axes in inch coordinates holding every tile, as plots.train_batch_figure: 36 subplots under a
-    # layout engine take seconds to draw.
-    tile, gap, title_in, top_in = 1.5, 0.2, 0.5, 0.45
-    content = cols * (tile + gap) + gap
-    width, height = max(content, 6.0), rows * (tile + title_in) + top_in  # 6 in: room for the title
-    left = (width - content) / 2 + gap  # the tiles centred under the title
-    fig = Figure(figsize=(width, height))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)  # y grows downwards, as rows do
-    ax.axis("off")
-    for i, image in enumerate(images):
-        x0, y0 = left + (i % cols) * (tile + gap), top_in + (i // cols) * (tile + title_in) + title_in
-        pixels = image.permute(1, 2, 0).numpy()  # CHW -> HWC for imshow
-        # interpolation="nearest": the model's pixels, not a smoothed picture of them
-        ax.imshow(pixels, extent=(x0, x0 + tile, y0 + tile, y0), interpolation="nearest")
-        title = (
-            f"#{i + 1} given: {plots.shorten(given_names[i], 18)}\n"
-            f"model: {plots.shorten(predicted_names[i], 20)}\np(given) {p_given[i]:.2g}"
-        )
-        ax.text(x0 + tile / 2, y0 - 0.03, title, ha="center", va="bottom", fontsize=7, color="darkred")
+    titles = [
+        f"#{i + 1} given: {plots.shorten(given, 18)}\nmodel: {plots.shorten(predicted, 20)}\np(given) {p:.2g}"
+        for i, (given, predicted, p) in enumerate(zip(given_names, predicted_names, p_given, strict=True))
+    ]
     where = "held-out images" if held_out else "training images, in-sample"
-    shown = f"{n} shown" if n else "no images"
-    ax.text(
-        width / 2, 0.1, f"Labels the model doubts most ({shown}; {where})", ha="center", va="top", fontsize=11
-    )
-    return fig
+    shown = f"{len(images)} shown" if images else "no images"
+    heading = f"Labels the model doubts most ({shown}; {where})"
+    return plots.tiles_figure(images, titles, heading, cols=6, colors=["darkred"] * len(images))

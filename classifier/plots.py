@@ -211,31 +211,46 @@ def train_batch_figure(
     images, targets = images[:max_images].detach().float().cpu(), targets[:max_images].detach().cpu()
     mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     pixels = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # NCHW -> NHWC for imshow
-    titles = [target_text(target, classes) for target in targets]
-    n, cols = len(images), min(8, len(images))
-    rows = math.ceil(n / cols)
-    # One axes in inch coordinates holding every tile: 64 subplots would take seconds to lay out and draw.
-    tile, gap, title_in = 1.2, 0.15, 0.14 * max(t.count("\n") + 1 for t in titles) + 0.06
-    width, height = cols * (tile + gap) + gap, rows * (tile + title_in) + 0.45
+    h, w = images.shape[-2:]
+    return tiles_figure(
+        list(pixels),
+        [target_text(target, classes) for target in targets],
+        f"One augmented training batch, as the model sees it ({len(images)} images, {h}x{w} px)",
+        cols=8,
+        tile=1.2,
+    )
+
+
+def tiles_figure(
+    images: list, titles: list[str], heading: str, *, cols: int, tile: float = 1.5, colors: list | None = None
+) -> Figure:
+    """`images` in rows of `cols`, each under its title (in `colors`, default black), `heading` on top.
+    An image is an HWC array (float 0-1 or uint8) or a uint8 CHW tensor; it keeps its aspect ratio inside
+    a square tile of `tile` inches. One axes in inch coordinates holds every tile: a subplot per image
+    would take seconds to lay out and draw."""
+    n, cols = len(images), max(1, min(cols, len(images)))
+    rows = max(1, math.ceil(n / cols))
+    gap, title_in, top_in = 0.15, 0.14 * max((t.count("\n") + 1 for t in titles), default=0) + 0.06, 0.45
+    content = cols * (tile + gap) + gap
+    width, height = max(content, 6.0), rows * (tile + title_in) + top_in  # 6 in: room for the heading
+    left = (width - content) / 2 + gap  # the tiles centred under the heading
     fig = Figure(figsize=(width, height))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)  # y grows downwards, as rows do
     ax.axis("off")
-    for i in range(n):
-        x0, y0 = gap + (i % cols) * (tile + gap), 0.45 + (i // cols) * (tile + title_in) + title_in
+    for i, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            image = image.permute(1, 2, 0).numpy()  # CHW -> HWC for imshow
+        x0, y0 = left + (i % cols) * (tile + gap), top_in + (i // cols) * (tile + title_in) + title_in
+        scale = tile / max(image.shape[:2])  # the longer side fills the tile: a tall crop stays tall
+        w, h = image.shape[1] * scale, image.shape[0] * scale
+        x, y = x0 + (tile - w) / 2, y0 + (tile - h)  # centred across, standing on the tile's bottom
         # interpolation="nearest": the model's pixels, not a smoothed picture of them
-        ax.imshow(pixels[i], extent=(x0, x0 + tile, y0 + tile, y0), interpolation="nearest")
-        ax.text(x0 + tile / 2, y0 - 0.03, titles[i], ha="center", va="bottom", fontsize=7, linespacing=1.1)
-    h, w = images.shape[-2:]
-    ax.text(
-        width / 2,
-        0.1,
-        f"One augmented training batch, as the model sees it ({n} images, {h}x{w} px)",
-        ha="center",
-        va="top",
-        fontsize=11,
-    )
+        ax.imshow(image, extent=(x, x + w, y + h, y), interpolation="nearest")
+        color = colors[i] if colors is not None else "black"
+        ax.text(x0 + tile / 2, y - 0.03, titles[i], ha="center", va="bottom", fontsize=7, color=color)
+    ax.text(width / 2, 0.1, heading, ha="center", va="top", fontsize=11)
     return fig
 
 

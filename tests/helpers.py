@@ -59,3 +59,19 @@ TINY_RUN = [
     "0",
     "--no-progress",
 ]
+
+# The leakage audit before training and the label-issue queue after it cost about 2 s a tiny run. Tests
+# about other things leave them out; test_audit.py, test_label_issues.py and test_groups.py test them.
+NO_DATA_REPORTS = ["--data.no-audit", "--no-label-issues"]
+
+# 32-pixel images, no progress bar, no step lines, no data reports: for runs whose numbers are the test.
+FAST = [
+    "--data.image-size",
+    "32",
+    "--data.resize-size",
+    "32",
+    "--no-progress",
+    "--log-every-steps",
+    "1000",
+    *NO_DATA_REPORTS,
+]

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import REPO_ROOT, exit_status, run_script
+from helpers import NO_DATA_REPORTS, REPO_ROOT, exit_status, run_script
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -33,7 +33,8 @@ from classifier.transforms import eval_resize_crop, eval_transform
 # SGD: AdamW's step over ResNet18's 11M parameters costs over a second on this CPU; the optimizer is not
 # under test.
 TINY_RUN = ["--model", "resnet18", "--epochs", "1", "--data.num-workers", "0",
-            "--ema-half-life-epochs", "0.1", "--optim.optimizer", "sgd", "--no-progress"]  # fmt: skip
+            "--ema-half-life-epochs", "0.1", "--optim.optimizer", "sgd", "--no-progress",
+            *NO_DATA_REPORTS]  # fmt: skip
 
 
 def train_tiny_run(root: Path, out_dir: Path, *flags: str) -> Path:

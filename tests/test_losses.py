@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAST
 from torch import nn
 from torch.nn import functional as F
 
@@ -18,8 +19,6 @@ import train
 from classifier.checkpoint import load_checkpoint
 from classifier.cli import parse_cli
 from classifier.losses import BatchMixer, build_criterion, soft_target_cross_entropy
-
-FAST = ["--data.image-size", "32", "--data.resize-size", "32", "--no-progress", "--log-every-steps", "1000"]
 
 LOGITS = [[2.0, -1.0, 0.5], [0.0, 1.5, -0.5], [-1.0, 0.2, 3.0], [0.3, 0.3, -2.0]]
 LABELS = [0, 1, 2, 1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, run_script
+from helpers import NO_DATA_REPORTS, REPO_ROOT, run_script
 
 import train
 from classifier import checkpoint as ckpt
@@ -38,6 +38,7 @@ SMALL = [
     "--no-progress",
     "--ema-half-life-epochs",
     "0.5",
+    *NO_DATA_REPORTS,
 ]
 
 

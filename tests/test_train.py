@@ -8,14 +8,12 @@ from importlib import metadata
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import FAST, run_script
 from safetensors import safe_open
 
 import train
 from classifier.checkpoint import load_checkpoint
 from classifier.cli import parse_cli
-
-FAST = ["--data.image-size", "32", "--data.resize-size", "32", "--no-progress", "--log-every-steps", "1000"]
 
 
 @pytest.mark.parametrize("path", ["regular", "fast"])
