@@ -6,6 +6,8 @@
 The settings take turns within every repeat (a burst of load from other processes hits all of them);
 the table shows the median images/s over repeats and the median of each repeat's ratio to "off". Compare
 the images/s with the model step's (bench/throughput.py): augmentation runs once per step, in series.
+The video degradations (video_augment.degrade_batch, on the squares before the crop) get a second table:
+the regular path's cost, video_augment.VideoDegrade on one square at a time, as a DataLoader worker runs it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` 
 from classifier.batch_augment import BatchAugment  # noqa: E402
 from classifier.config import DataConfig  # noqa: E402
 from classifier.distributed import pick_device  # noqa: E402
+from classifier.video_augment import VideoDegrade  # noqa: E402
 
 SETTINGS = {  # name -> BatchAugment options on top of the trainer's defaults
     "off": {},
@@ -31,6 +34,15 @@ SETTINGS = {  # name -> BatchAugment options on top of the trainer's defaults
     "trivialaugment": {"auto_augment": "trivialaugment"},
     "random erasing 0.25": {"random_erasing": 0.25},
 }
+VIDEO_OFF = {"motion_blur": 0.0, "low_resolution": 0.0, "jpeg": 0.0, "occlusion": 0.0}
+VIDEO_SETTINGS = {  # name -> video degradation probabilities
+    "motion blur 1": {**VIDEO_OFF, "motion_blur": 1.0},
+    "low resolution 1": {**VIDEO_OFF, "low_resolution": 1.0},
+    "jpeg 1": {**VIDEO_OFF, "jpeg": 1.0},
+    "occlusion 1": {**VIDEO_OFF, "occlusion": 1.0},
+    "video all four 0.5": dict.fromkeys(VIDEO_OFF, 0.5),
+}
+SETTINGS |= {name: {"video": probabilities} for name, probabilities in VIDEO_SETTINGS.items()}
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,22 @@ def images_per_s(augment: BatchAugment, images: torch.Tensor, batches: int, devi
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return batches * len(images) / (time.perf_counter() - start)
+
+
+def per_image_rates(images: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median images/s of VideoDegrade over repeats, one image at a time on the CPU, settings taking turns."""
+    images = images.cpu()
+    transforms = {name: VideoDegrade(**probabilities) for name, probabilities in VIDEO_SETTINGS.items()}
+    rates: dict[str, list[float]] = {name: [] for name in transforms}
+    for r in range(repeats):
+        torch.manual_seed(r)
+        for name, transform in transforms.items():
+            transform(images[0])  # warm-up
+            start = time.perf_counter()
+            for image in images:
+                transform(image)
+            rates[name].append(len(images) / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main(args: BenchArgs) -> dict[str, float]:
@@ -99,6 +127,12 @@ def main(args: BenchArgs) -> dict[str, float]:
         ratio = statistics.median(rate / off for rate, off in zip(rates[name], rates["off"], strict=True))
         result[name] = statistics.median(rates[name])
         print(f"| {name} | {result[name]:.0f} | {ratio:.2f} | {1000 * args.batch_size / result[name]:.1f} |")
+    threads = torch.get_num_threads()
+    print(f"\nregular path: VideoDegrade, one {side} px square at a time, CPU, {threads} threads")
+    print("\n| setting | images/s | us per image |\n|---|---:|---:|")
+    for name, rate in per_image_rates(images, args.repeats).items():
+        result[f"{name} (per image)"] = rate
+        print(f"| {name} | {rate:.0f} | {1e6 / rate:.0f} |")
     return result
 
 
