@@ -43,6 +43,7 @@ from classifier.onnx_export import (
     input_spec,
     verify_onnx,
 )
+from classifier.transforms import input_side
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,9 @@ class ExportArgs:
     """Folder for model.onnx, labels_mapping.json and model.safetensors. Default: <stem>-export/ beside the
     checkpoint actually read (last.prev-export/ when last.pt was unreadable and last.prev.pt was used)."""
     bake_preprocessing: Literal["none", "uint8-nchw", "uint8-nhwc"] = "none"
-    """'none': the graph takes normalized float32 NCHW. 'uint8-*': it takes resized, center-cropped uint8 RGB
-    pixels in that layout and normalizes inside."""
+    """'none': the graph takes normalized float32 NCHW. 'uint8-*': it takes uint8 RGB pixels already brought
+    to the model's square as the sidecar's preprocessing says (its resize_mode), in that layout, and
+    normalizes inside."""
     data_root: Path | None = None
     """Images to verify on (its validation split): an ImageFolder root or a manifest. Default: the data
     root the run trained on."""
@@ -111,7 +113,7 @@ def build_sidecar(source: Source, input_kind: str) -> dict:
     goes into the ONNX and safetensors metadata."""
     card = source.card
     preprocessing = dict(card.preprocessing)
-    graph_input = input_spec(input_kind, preprocessing["center_crop"])
+    graph_input = input_spec(input_kind, input_side(preprocessing))
     if input_kind != "none":  # describe what the consumer does, so nobody normalizes twice
         preprocessing.update(
             layout=graph_input["layout"], dtype="uint8", scale=graph_input["normalized_inside"]
@@ -206,7 +208,7 @@ def main(args: ExportArgs) -> Path:
         card.data.val_fraction,
         card.data.seed,
         args.batch_size,
-        card.preprocessing["resize_shorter_side"],
+        input_side(card.preprocessing),
         root_given=args.data_root is not None,
         group_pattern=card.data.group_pattern,
     )

@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
+from classifier import video_augment
 from classifier.transforms import NUM_MAGNITUDE_BINS, auto_augment_transform
 
 # --- crops, flips and colour ------------------------------------------------------------------------
@@ -180,7 +181,8 @@ class BatchAugment(nn.Module):
     `generator`, so one seed gives the same crops on CPU and GPU; every draw happens whatever the options,
     so turning flip or jitter off leaves the crops unchanged. Optional, in transforms.train_transform's order:
     auto-augment per image on the uint8 crops after the flip (BatchAutoAugment), random erasing after
-    Normalize (random_erase). They draw after everything else and only when on: off, the stream and the
+    Normalize (random_erase), the video degradations on the uncropped squares (video_augment.degrade_batch).
+    They draw after everything else and only when on: off, the stream and the
     output are exactly those without them; on, the crops, flips and jitter are unchanged.
     """
 
@@ -200,8 +202,10 @@ class BatchAugment(nn.Module):
         randaugment_magnitude: int = 9,
         interpolation: str = "bilinear",
         random_erasing: float = 0.0,
+        video: dict[str, float] | None = None,
     ):
         super().__init__()
+        self.video = video if video and video_augment.any_enabled(**video) else None
         self.size, self.crop_scale, self.crop_ratio = size, crop_scale, crop_ratio
         self.hflip, self.color_jitter, self.channels_last = hflip, color_jitter, channels_last
         self.auto_augment = (
@@ -232,6 +236,8 @@ class BatchAugment(nn.Module):
         )
         params = to_device(params, images.device)
         rois, flip, factors = params[:, :5], params[:, 5].bool(), params[:, 6:].view(n, 3, 1, 1, 1)
+        if self.video is not None:  # on the uint8 squares before the crop, as the regular path does
+            images = video_augment.degrade_batch(images, **self.video, generator=generator)
 
         # sampling_ratio=-1: ceil(box side / output side) bilinear samples per output pixel, averaged;
         # aligned=True: pixel i covers [i, i + 1), so the full box reproduces the image exactly.

@@ -43,7 +43,14 @@ class DataConfig:
     image_size: int = 224
     """Side of the square image the model sees (train crop and eval crop)."""
     resize_size: int | None = None
-    """Eval resize of the shorter side before the center crop; default image_size * 256 / 224."""
+    """Side that images are brought to before the crop: the eval resize of the shorter side before the
+    center crop ('crop' mode), and the side of the square the training crop is cut from (every mode);
+    default image_size * 256 / 224."""
+    resize_mode: Literal["crop", "pad", "stretch"] = "crop"
+    """How an image that is not square becomes the model's square. 'crop': resize the shorter side, then
+    center-crop (cuts the top and bottom of a tall image); 'pad': resize the longer side and pad to a
+    square with the mean colour (keeps the whole image; the fill is in the sidecar); 'stretch': resize to
+    the square, changing the aspect ratio. Training and evaluation, both data paths and the export."""
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     """Resize interpolation, for training and evaluation alike (and recorded in the export sidecar)."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -69,6 +76,17 @@ class DataConfig:
     random_erasing: float = 0.0
     """Probability of erasing a random rectangle (2-33% of the area) of each training image after
     normalization (to 0, the mean colour), as torchvision's reference recipes do; 0 disables it."""
+    motion_blur: float = 0.0
+    """Video degradation in training: probability of a motion blur (a line kernel of 4-12% of the image's
+    side at a random angle). The four degradations run on the decoded image before the crop, in the
+    order motion blur, low resolution, JPEG, occlusion (classifier/video_augment.py); 0 disables each."""
+    low_resolution: float = 0.0
+    """Video degradation: probability of shrinking the image until its shorter side is 12-28 px, then
+    stretching it back (a far, small player whose number spans a few pixels)."""
+    jpeg: float = 0.0
+    """Video degradation: probability of re-compressing as JPEG at a low quality (video compression)."""
+    occlusion: float = 0.0
+    """Video degradation: probability of a flat-coloured patch entering from an edge (another player)."""
     val_fraction: float = 0.1
     """When no val split is given (no `val/` folder, no val rows): the fraction of each class held out of
     the training images (seeded, stratified by class; whole groups when groups are known)."""

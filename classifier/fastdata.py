@@ -21,6 +21,7 @@ What differs from the regular path (data.py's PIL decode, transforms.py's v2 tra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -41,6 +42,7 @@ from classifier.data import Sample, Splits
 from classifier.files import atomic_write
 from classifier.images import load_image
 from classifier.sampling import EpochSampler
+from classifier.transforms import to_square, train_square_side, video_degradations
 
 CACHE_FORMAT = "classifier-fastdata/1"
 # A small PNG decodes in well under a millisecond: past ~8 processes, starting them costs more than they save.
@@ -48,21 +50,26 @@ DEFAULT_DECODE_WORKERS = min(8, os.cpu_count() or 1)
 
 
 class _ResizedImages(Dataset):
-    """Image i of `paths`, decoded by images.load_image (EXIF, colour modes), resized and center-cropped."""
+    """Image i of `paths`, decoded by images.load_image (EXIF, colour modes), resized and center-cropped
+    ('crop' mode), or made a `crop` square by transforms.to_square ('pad', 'stretch')."""
 
-    def __init__(self, paths: list[str], size: int, crop: int, interpolation: str):
-        self.paths, self.size, self.crop = paths, size, crop
-        self.interpolation = InterpolationMode(interpolation)
+    def __init__(self, paths: list[str], size: int, crop: int, interpolation: str, mode: str, fill):
+        self.paths, self.size, self.crop, self.mode, self.fill = paths, size, crop, mode, fill
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        # The same functions and arguments as transforms.eval_resize_crop's Resize and CenterCrop, so a val
-        # cache built with crop=image_size is bit for bit what eval_transform computes before normalizing.
-        image = F.resize(
-            load_image(self.paths[index]), self.size, interpolation=self.interpolation, antialias=True
-        )
+        # The same functions and arguments as transforms.eval_resize_crop, so a val cache built with
+        # crop=image_size is bit for bit what eval_transform computes before normalizing.
+        image = load_image(self.paths[index])
+        if self.mode != "crop":
+            return to_square(
+                image, self.crop, mode=self.mode, fill=self.fill, interpolation=self.interpolation
+            )
+        interpolation = InterpolationMode(self.interpolation)
+        image = F.resize(image, self.size, interpolation=interpolation, antialias=True)
         return F.center_crop(image, [self.crop, self.crop])
 
 
@@ -72,6 +79,8 @@ def decode_split(
     interpolation: str,
     *,
     crop: int | None = None,
+    mode: str = "crop",
+    fill: Sequence[int] | None = None,
     num_workers: int = DEFAULT_DECODE_WORKERS,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +88,12 @@ def decode_split(
 
     Each image's shorter side is resized to `size`, then it is center-cropped to a `crop` square (default
     `size`: the largest square). That square is what the cache keeps; the training crop happens inside it.
+    In 'pad' and 'stretch' modes (--data.resize-mode) the whole image becomes the `crop` square instead.
     """
     crop = crop or size
     images = torch.empty((len(samples), 3, crop, crop), dtype=torch.uint8)  # filled in place: no 2x peak
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-    dataset = _ResizedImages([path for path, _ in samples], size, crop, interpolation)
+    dataset = _ResizedImages([path for path, _ in samples], size, crop, interpolation, mode, fill)
     # In order (no sampler): row i is samples[i]. Its own generator: every DataLoader iterator draws a
     # seed, and drawing it from the global RNG would make model init depend on whether a cache existed.
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, generator=torch.Generator())
@@ -103,12 +113,13 @@ def decode_split(
 
 
 def cache_identity(
-    samples: Sequence[Sample], size: int, crop: int | None, interpolation: str
+    samples: Sequence[Sample], size: int, crop: int | None, interpolation: str, mode: str = "crop", fill=None
 ) -> tuple[str, str]:
     """(file name, contents key) of a split's cache. The name follows which files, labels and geometry;
     the key adds each file's byte size and mtime, so a cache whose images were rewritten is stale.
     Samples are hashed in their given order (not sorted): row i of the cache must be samples[i]."""
-    what = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\t{crop or size}\t{interpolation}\n".encode())
+    geometry = f"{size}\t{crop or size}\t{interpolation}" + (f"\t{mode}\t{fill}" if mode != "crop" else "")
+    what = hashlib.sha256(f"{CACHE_FORMAT}\n{geometry}\n".encode())
     for path, label in samples:
         what.update(f"{path}\t{label}\n".encode())
     contents = what.copy()
@@ -137,17 +148,28 @@ def load_or_build_cache(
     cache_dir: Path | None,
     *,
     crop: int | None = None,
+    mode: str = "crop",
+    fill: Sequence[int] | None = None,
     num_workers: int = DEFAULT_DECODE_WORKERS,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """decode_split's result, read from `cache_dir` when a current cache of these files is there; else
     decoded, and saved there for the next run. A stale or unreadable cache is rebuilt, with a warning
     naming the file. With cache_dir None nothing touches the disk."""
+    decode = functools.partial(
+        decode_split,
+        samples,
+        size,
+        interpolation,
+        crop=crop,
+        mode=mode,
+        fill=fill,
+        num_workers=num_workers,
+        progress=progress,
+    )
     if cache_dir is None:
-        return decode_split(
-            samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress
-        )
-    name, key = cache_identity(samples, size, crop, interpolation)
+        return decode()
+    name, key = cache_identity(samples, size, crop, interpolation, mode, fill)
     path = Path(cache_dir) / name
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
     if path.is_file():
@@ -159,9 +181,7 @@ def load_or_build_cache(
         if problem is None:
             return cached["images"], labels
         warnings.warn(f"rebuilding the image cache {path}: {problem}", stacklevel=2)
-    images, labels = decode_split(
-        samples, size, interpolation, crop=crop, num_workers=num_workers, progress=progress
-    )
+    images, labels = decode()
     # Atomic: DDP ranks building the same cache at once, or a crash mid-write, never leave half a file.
     atomic_write(path, lambda tmp: torch.save({"format": CACHE_FORMAT, "key": key, "images": images}, tmp))
     return images, labels
@@ -244,11 +264,18 @@ def make_tensor_loaders(
     """The fast path's train and val loaders. Train images are cached as squares of the eval resize (the
     random crop happens inside them); val images with the eval crop already applied, so evaluation is
     exact. With a cache_dir under DDP, rank 0 decodes and writes the cache while the others wait for it."""
-    side = preprocessing["resize_shorter_side"]
+    side = train_square_side(data.image_size, data.resize_size)
+    geometry = dict(mode=data.resize_mode, fill=preprocessing.get("pad_fill"))
     if data.cache_dir is not None and not distributed.is_main():
         distributed.barrier()
     train_images, train_labels = load_or_build_cache(
-        splits.train, side, data.interpolation, data.cache_dir, num_workers=workers, progress=progress
+        splits.train,
+        side,
+        data.interpolation,
+        data.cache_dir,
+        **geometry,
+        num_workers=workers,
+        progress=progress,
     )
     val_images, val_labels = load_or_build_cache(
         splits.val,
@@ -256,6 +283,7 @@ def make_tensor_loaders(
         data.interpolation,
         data.cache_dir,
         crop=data.image_size,
+        **geometry,
         num_workers=workers,
         progress=progress,
     )
@@ -275,6 +303,7 @@ def make_tensor_loaders(
         randaugment_magnitude=data.randaugment_magnitude,
         interpolation=data.interpolation,
         random_erasing=data.random_erasing,
+        video=video_degradations(data),
     )
     evaluate = BatchEval(data.image_size, mean=data.mean, std=data.std, channels_last=channels_last)
     train_loader = TensorLoader(

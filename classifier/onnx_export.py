@@ -17,7 +17,7 @@ import onnxruntime
 import torch
 from torch import nn
 
-from classifier.transforms import eval_resize_crop, eval_transform
+from classifier.transforms import eval_resize_crop, eval_transform, input_side
 
 # Opset 18 is the lowest the dynamo exporter writes natively: asking for 17 runs the ONNX version
 # converter, which fails even on ResNet18 (checked on torch 2.14) and leaves the model at 18 anyway.
@@ -228,9 +228,9 @@ def read_sidecar(onnx_path: Path) -> dict:
 
 def graph_differences(proto: onnx.ModelProto, sidecar: dict) -> list[str]:
     """Where the graph disagrees with the sidecar on what it takes and returns: the input's dtype and its
-    shape after the batch axis (the crop and layout that `baked_preprocessing` and `center_crop` make
+    shape after the batch axis (the side and layout that `baked_preprocessing` and the resize mode make
     evaluate.py feed), and the number of classes it scores."""
-    spec = input_spec(sidecar.get("baked_preprocessing", "none"), sidecar["preprocessing"]["center_crop"])
+    spec = input_spec(sidecar.get("baked_preprocessing", "none"), input_side(sidecar["preprocessing"]))
     classes = len(sidecar["idx_to_class"])
     expected = {"input dtype": spec["dtype"], "input shape": spec["shape"][1:], "classes": classes}
     inputs = {value.name: value.type.tensor_type for value in proto.graph.input}

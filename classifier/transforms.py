@@ -19,6 +19,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from classifier import video_augment
 from classifier.config import DataConfig
 
 # The two auto-augment policies' magnitude scales have this many steps (torchvision's default for both).
@@ -28,6 +29,9 @@ NUM_MAGNITUDE_BINS = 31
 # --- evaluation ---------------------------------------------------------------------------------------
 
 
+RESIZE_MODES = ("crop", "pad", "stretch")
+
+
 def preprocessing_spec(
     *,
     image_size: int,
@@ -35,14 +39,35 @@ def preprocessing_spec(
     mean: Sequence[float],
     std: Sequence[float],
     interpolation: str,
+    resize_mode: str = "crop",
 ) -> dict:
     """Everything a consumer needs to prepare an image exactly as evaluation does. Travels with every
     checkpoint and export (labels_mapping.json, the ONNX metadata; README, "Export and evaluation"), so
-    nobody has to guess: a resize, crop or normalization unlike training's costs accuracy silently."""
+    nobody has to guess: a resize, crop or normalization unlike training's costs accuracy silently.
+    The geometry keys depend on `resize_mode`; "resize" says the same in words."""
+    side = image_size
+    if resize_mode == "crop":
+        shorter = train_square_side(image_size, resize_size)
+        geometry = {
+            "resize": f"shorter side to {shorter}, then a centered {side}x{side} crop",
+            "resize_shorter_side": shorter,
+            "center_crop": side,
+        }
+    elif resize_mode == "pad":
+        geometry = {
+            "resize": f"longer side to {side}, aspect kept, centered on a {side}x{side} square of pad_fill",
+            "resize_longer_side": side,
+            "pad_to_square": side,
+            "pad_fill": pad_fill(mean),
+        }
+    elif resize_mode == "stretch":
+        geometry = {"resize": f"to {side}x{side}, aspect ratio not kept", "resize_to_square": side}
+    else:
+        raise ValueError(f"--data.resize-mode {resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
     return {
         "color": "RGB",
-        "resize_shorter_side": resize_size or round(image_size * 256 / 224),
-        "center_crop": image_size,
+        "resize_mode": resize_mode,
+        **geometry,
         "interpolation": interpolation,
         "scale": "divide by 255 to [0, 1], then subtract mean and divide by std",
         "mean": list(mean),
@@ -52,9 +77,67 @@ def preprocessing_spec(
     }
 
 
+def pad_fill(mean: Sequence[float]) -> list[int]:
+    """The letterbox colour: the normalization mean in 0-255, so padding is 0 after normalizing."""
+    return [round(255 * m) for m in mean]
+
+
+def resize_mode(spec: dict) -> str:
+    """The spec's resize mode; a spec written before the modes existed only knew 'crop'."""
+    return spec.get("resize_mode", "crop")
+
+
+def input_side(spec: dict) -> int:
+    """The side of the square image the model sees."""
+    key = {"crop": "center_crop", "pad": "pad_to_square", "stretch": "resize_to_square"}[resize_mode(spec)]
+    return spec[key]
+
+
+def to_square(
+    image: torch.Tensor, side: int, *, mode: str, fill: Sequence[int] | None, interpolation: str
+) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, side, side) by 'pad' (the longer side to `side`, then centered on a
+    square of `fill`) or 'stretch' (both sides to `side`). 'crop' is Resize + CenterCrop, done by the
+    callers with torchvision's own transforms."""
+    mode_of_interpolation = InterpolationMode(interpolation)
+    if mode == "stretch":
+        return T.functional.resize(image, [side, side], interpolation=mode_of_interpolation, antialias=True)
+    if mode != "pad":
+        raise ValueError(f"to_square: mode {mode!r} is not 'pad' or 'stretch'")
+    height, width = image.shape[-2:]
+    scale = side / max(height, width)
+    new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+    image = T.functional.resize(
+        image, [new_height, new_width], interpolation=mode_of_interpolation, antialias=True
+    )
+    left, top = (side - new_width) // 2, (side - new_height) // 2
+    right, bottom = side - new_width - left, side - new_height - top
+    square = torch.empty((image.shape[0], side, side), dtype=image.dtype)
+    square[:] = torch.tensor(list(fill), dtype=image.dtype).view(-1, 1, 1)
+    square[:, top : side - bottom, left : side - right] = image
+    return square
+
+
+class ToSquare(torch.nn.Module):
+    """to_square as a transform step (pad or stretch modes)."""
+
+    def __init__(self, side: int, *, mode: str, fill: Sequence[int] | None, interpolation: str):
+        super().__init__()
+        self.side, self.mode, self.fill, self.interpolation = side, mode, fill, interpolation
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return to_square(image, self.side, mode=self.mode, fill=self.fill, interpolation=self.interpolation)
+
+
 def eval_resize_crop(spec: dict) -> T.Compose:
-    """uint8 CHW RGB -> uint8 CHW of the crop size: the geometric half of the eval transform, which a
-    consumer of a graph with baked-in normalization still does itself."""
+    """uint8 CHW RGB -> uint8 CHW of the model's input size: the geometric half of the eval transform,
+    which a consumer of a graph with baked-in normalization still does itself."""
+    mode = resize_mode(spec)
+    if mode != "crop":
+        fill = spec["pad_fill"] if mode == "pad" else None
+        return T.Compose(
+            [ToSquare(input_side(spec), mode=mode, fill=fill, interpolation=spec["interpolation"])]
+        )
     interpolation = InterpolationMode(spec["interpolation"])
     return T.Compose(
         [
@@ -103,12 +186,23 @@ def train_transform(
     randaugment_num_ops: int = 2,
     randaugment_magnitude: int = 9,
     random_erasing: float = 0.0,
+    resize_mode: str = "crop",
+    square_side: int | None = None,
+    video: dict[str, float] | None = None,
 ) -> T.Compose:
     """uint8 CHW RGB tensor -> augmented, normalized float32 tensor, in the order of torchvision's reference
     recipe (references/classification/presets.py): crop, flip, auto-augment (on uint8), [jitter], ToDtype,
-    Normalize, random erasing. An option that is off adds no step, so the transform is exactly the one
-    without it."""
-    steps = [
+    Normalize, random erasing. Before the crop: the video degradations (`video`: probabilities by name,
+    video_augment.VideoDegrade) and, in 'pad' and 'stretch' modes, the image made a `square_side` square
+    the crop is cut from, as evaluation makes it (in 'crop' mode the crop is cut from the image itself).
+    An option that is off adds no step, so the transform is exactly the one without it."""
+    steps = []
+    if video and video_augment.any_enabled(**video):
+        steps.append(video_augment.VideoDegrade(**video))
+    if resize_mode != "crop":
+        fill = pad_fill(mean) if resize_mode == "pad" else None
+        steps.append(ToSquare(square_side, mode=resize_mode, fill=fill, interpolation=interpolation))
+    steps += [
         T.RandomResizedCrop(
             image_size,
             scale=crop_scale,
@@ -147,6 +241,7 @@ def preprocessing_for(cfg: DataConfig) -> dict:
         mean=cfg.mean,
         std=cfg.std,
         interpolation=cfg.interpolation,
+        resize_mode=cfg.resize_mode,
     )
 
 
@@ -165,4 +260,23 @@ def augmentation_for(cfg: DataConfig) -> T.Compose:
         randaugment_num_ops=cfg.randaugment_num_ops,
         randaugment_magnitude=cfg.randaugment_magnitude,
         random_erasing=cfg.random_erasing,
+        resize_mode=cfg.resize_mode,
+        square_side=train_square_side(cfg.image_size, cfg.resize_size),
+        video=video_degradations(cfg),
     )
+
+
+def train_square_side(image_size: int, resize_size: int | None) -> int:
+    """The side of the square a training crop is cut from, in 'pad' and 'stretch' modes and in the fast
+    path's cache: the eval resize (the shorter side's, in 'crop' mode)."""
+    return resize_size or round(image_size * 256 / 224)
+
+
+def video_degradations(cfg: DataConfig) -> dict[str, float]:
+    """The four video degradations' probabilities, by the names VideoDegrade and degrade_batch take."""
+    return {
+        "motion_blur": cfg.motion_blur,
+        "low_resolution": cfg.low_resolution,
+        "jpeg": cfg.jpeg,
+        "occlusion": cfg.occlusion,
+    }
