@@ -34,11 +34,13 @@ from classifier import (
     distributed,
     fastdata,
     faults,
+    finetune,
     groups,
     hardware,
     imbalance,
     label_issues,
     losses,
+    lr_finder,
     models,
     optim,
     plots,
@@ -80,6 +82,8 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     dist_info, device = distributed.setup(cfg.device)
     world = dist_info.world_size
     resumed = None
+    if cfg.find_lr and cfg.resume is not None:
+        raise SystemExit("error: --find-lr scans from the initial weights; it does not take --resume")
     if cfg.resume is not None:
         resumed = checkpoint.load_checkpoint(cfg.resume)
         resume.check_resumable(resumed, resumed["loaded_from"])
@@ -163,12 +167,14 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    milestones = optim.milestones_in_steps(
+    freeze_steps = round(cfg.freeze_epochs * steps_per_epoch)  # head first: steps before the unfreeze
+    check_freeze(cfg.freeze_epochs, freeze_steps, total_steps, cfg.epochs, cfg.pretrained)
+    milestones = optim.milestones_in_steps(  # counted from the unfreeze (from step 0 without freezing)
         cfg.optim.schedule,
         cfg.optim.step_size_epochs,
         cfg.optim.milestones_epochs,
         steps_per_epoch,
-        total_steps,
+        total_steps - freeze_steps,
     )
     global_batch = cfg.data.batch_size * world * accum  # images per optimizer step, all processes
 
@@ -193,7 +199,12 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum,
         betas=cfg.optim.betas,
+        backbone_lr_mult=cfg.optim.backbone_lr_mult,
+        layer_decay=cfg.optim.layer_decay,
     )
+    lr_multipliers = {group["stage"]: group["lr_mult"] for group in optimizer.param_groups}
+    if set(lr_multipliers.values()) != {1.0}:  # discriminative LRs: which stage got which fraction
+        log.print(finetune.describe_multipliers(list(lr_multipliers), list(lr_multipliers.values())))
     loss_weights = None
     if cfg.data.class_weighted_loss:
         loss_weights = imbalance.inverse_frequency_weights(counts["train"]).to(device)
@@ -243,19 +254,33 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             drawn=torch.zeros(num_classes, dtype=torch.long),
         )
 
+    # Head first (--freeze-epochs): the backbone gets no gradients until step freeze_steps.
+    backbone_frozen = state.step < freeze_steps
+    finetune.set_backbone_trainable(model, not backbone_frozen)
+
     # Wrap last: checkpoints and EMA always see the plain `model`; `net` is what the step calls.
-    net = model
     if cfg.sync_batchnorm and dist_info.enabled:
         if device.type != "cuda":
             raise SystemExit(
                 "error: --sync-batchnorm needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)"
             )
-        model = net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps BN layers in place, same tensors
-    if dist_info.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
-    if cfg.compile:
-        net = torch.compile(net)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps BN layers in place, same tensors
+    wrap = functools.partial(wrap_model, ddp=dist_info.enabled, device=device, compile=cfg.compile)
+    net = wrap(model)
+
+    if cfg.find_lr:  # the LR range test instead of training; it writes no checkpoint
+        return find_lr(
+            net,
+            train_loader,
+            criterion=criterion,
+            optimizer=optimizer,
+            device=device,
+            precision=precision,
+            autocast=autocast,
+            memory_format=memory_format,
+            run_dir=run_dir,
+            log=log,
+        )
 
     # --- record the run: what its directory holds before the first step ------------------------------
     card = ModelCard.for_run(cfg, classes, preprocessing)
@@ -290,7 +315,9 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
                 "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps,
                 "warmup_steps": warmup_steps,
+                "freeze_steps": freeze_steps,
                 "peak_lr": peak_lr,
+                "lr_multipliers": lr_multipliers,
                 "ema_decay_per_step": ema_decay,
                 "loss_class_weights": loss_weights.tolist() if loss_weights is not None else None,
                 "logit_bias": run_facts["logit_bias"],
@@ -334,12 +361,20 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         optim.lr_at,
         peak_lr=peak_lr,
         warmup_steps=warmup_steps,
-        total_steps=total_steps,
+        total_steps=total_steps - freeze_steps,
         min_lr_ratio=cfg.optim.min_lr_ratio,
         schedule=cfg.optim.schedule,
         milestones=milestones,
         gamma=cfg.optim.gamma,
     )
+    if freeze_steps > 0:  # the head alone at the peak LR, then the schedule above from the unfreeze
+        lr_schedule = functools.partial(
+            optim.head_first_lr_at,
+            freeze_steps=freeze_steps,
+            warmup_steps=warmup_steps,
+            peak_lr=peak_lr,
+            then=lr_schedule,
+        )
     validate = functools.partial(
         validation.validate,
         loader=val_loader,
@@ -357,6 +392,8 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             state.drawn = torch.zeros(num_classes, dtype=torch.long)  # what the sampler actually delivers
         train_sampler.set_epoch(epoch, start=state.batches_in_epoch * cfg.data.batch_size)
         net.train()
+        if backbone_frozen or cfg.freeze_bn_stats:  # BatchNorm statistics as loaded
+            finetune.freeze_batchnorm_stats(model)
         bar = tqdm(
             total=batches_per_epoch,
             initial=state.batches_in_epoch,
@@ -366,6 +403,14 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         )
         tick, images_since_tick = time.perf_counter(), 0
         for images, labels in itertools.islice(train_loader, batches_per_epoch - state.batches_in_epoch):
+            if backbone_frozen and state.step == freeze_steps:  # head first: now everything trains
+                backbone_frozen = False
+                finetune.set_backbone_trainable(model, True)
+                model.train()
+                if cfg.freeze_bn_stats:
+                    finetune.freeze_batchnorm_stats(model)
+                net = wrap(model)  # DDP registers the parameters that need gradients when it is built
+                log.print(f"step {state.step}: backbone unfrozen, the LR schedule starts again")
             state.drawn += torch.bincount(labels, minlength=num_classes)
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
@@ -594,7 +639,7 @@ def read_data(
             log=log.print,
         )
     log.print(runlog.class_table(splits.classes, counts))
-    if cfg.data.audit and dist_info.is_main:
+    if cfg.data.audit and not cfg.find_lr and dist_info.is_main:
         # Near-twin images across the splits: the summary is logged, the pairs go to RUN/audit/.
         audit_dir = run_dir / "audit"
         same_files = resumed is not None and resumed["dataset"] == fingerprint
@@ -610,6 +655,74 @@ def read_data(
             )
     distributed.barrier()  # the other ranks wait for the audit
     return splits, counts, fingerprint
+
+
+def check_freeze(
+    freeze_epochs: float, freeze_steps: int, total_steps: int, epochs: int, pretrained: str | None
+) -> None:
+    """--freeze-epochs must leave steps to train the whole network, and needs a pretrained backbone (a
+    frozen random one is only noise under the head)."""
+    if freeze_epochs < 0 or (freeze_epochs > 0 and freeze_steps >= total_steps):
+        raise SystemExit(
+            f"error: --freeze-epochs {freeze_epochs}: must be at least 0 and below --epochs {epochs}"
+        )
+    if freeze_epochs > 0 and pretrained is None:
+        raise SystemExit(
+            f"error: --freeze-epochs {freeze_epochs} freezes a random backbone: give --pretrained "
+            "(torchvision's DEFAULT or a weights file), or leave --freeze-epochs at 0"
+        )
+
+
+def wrap_model(model: nn.Module, *, ddp: bool, device: torch.device, compile: bool) -> nn.Module:
+    """What the step calls: `model` under DDP (over the parameters that need gradients now) and/or
+    torch.compile. Checkpoints and the EMA keep using the plain `model`."""
+    net = model
+    if ddp:
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    if compile:
+        net = torch.compile(net)
+    return net
+
+
+def find_lr(
+    net: nn.Module,
+    train_loader,
+    *,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: str,
+    autocast: torch.autocast,
+    memory_format: torch.memory_format,
+    run_dir: Path,
+    log,
+) -> dict:
+    """--find-lr: the LR range test (classifier/lr_finder.py) with this run's data, model, loss and
+    optimizer, instead of training. Writes lr_find.png, .csv and .json to `run_dir` (NAME-lr-find)."""
+    if precision == "fp16":
+        raise SystemExit("error: --find-lr runs without loss scaling: use --precision bf16 or fp32")
+    batches = itertools.chain.from_iterable(itertools.repeat(train_loader))  # the loader, over and over
+    net.train()
+    step = lr_finder.make_step(
+        net,
+        batches,
+        criterion,
+        optimizer,
+        device=device,
+        autocast=autocast,
+        set_lr=optim.set_lr,
+        memory_format=memory_format,
+    )
+    curve = lr_finder.range_test(step)
+    suggestion, rule = lr_finder.suggest_lr(curve)
+    if distributed.is_main():
+        lr_finder.write_results(run_dir, curve, suggestion, rule)
+    log.print(
+        f"LR range test: {len(curve.lrs)} steps from {curve.lrs[0]:.1e} to {curve.lrs[-1]:.1e} "
+        f"({curve.stopped}); suggested --optim.lr {suggestion:.2e} ({rule}); see {run_dir / 'lr_find.png'}"
+    )
+    return {"run_dir": run_dir, "suggested_lr": suggestion, "curve": curve}
 
 
 def check_group_overlap(splits: data.Splits, *, strict: bool, log) -> None:

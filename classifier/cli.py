@@ -32,8 +32,10 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 
 def run_dir_for(cfg: TrainConfig) -> Path:
-    """OUT_DIR/NAME, NAME defaulting to <model>-<data root folder name>."""
-    return cfg.out_dir / (cfg.name or f"{cfg.model}-{cfg.data.root.resolve().name}")
+    """OUT_DIR/NAME, NAME defaulting to <model>-<data root folder name>; OUT_DIR/NAME-lr-find for the LR
+    range test (--find-lr), so that the real run's directory stays free."""
+    name = cfg.name or f"{cfg.model}-{cfg.data.root.resolve().name}"
+    return cfg.out_dir / (f"{name}-lr-find" if cfg.find_lr else name)
 
 
 def parse_cli(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:

@@ -170,6 +170,12 @@ class OptimConfig:
     """Micro-batches per optimizer step (gradient accumulation)."""
     clip_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value (after unscaling under fp16); None disables."""
+    backbone_lr_mult: float = 1.0
+    """Discriminative LR: every parameter outside the classification head gets the LR times this (0.1:
+    the pretrained backbone moves 10x slower than the new head). Composes with --optim.layer-decay."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: stage k below the head gets the LR times layer_decay**k (ResNet: layer4 k=1,
+    ... layer1 k=4, stem k=5); 1 disables it. The grouping is printed at the start of a run."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,18 @@ class TrainConfig:
     first block at 16x16, not 32x32 or the ImageNet stem's 8x8): ~1.6x cheaper per image than stride 1."""
     epochs: int = 10
     """Training epochs."""
+    freeze_epochs: float = 0.0
+    """Head first: for this many epochs (fractions allowed) only the classification head trains; the
+    backbone's parameters are frozen and its BatchNorm layers stay in eval mode. Then everything trains,
+    and the LR schedule (warmup, then cosine or steps) starts again over the epochs that remain."""
+    freeze_bn_stats: bool = False
+    """Keep every BatchNorm layer's running statistics as loaded (eval mode) for the whole run; their
+    scale and shift still train. For fine-tuning on small batches, whose statistics are noisy."""
+    find_lr: bool = False
+    """Run the LR range test instead of training: 100 steps with the LR growing exponentially from 1e-7 to
+    10 on this run's data, model, loss and optimizer (it stops early once the loss diverges); writes
+    lr_find.png and the suggested LR to RUN-lr-find/ (no checkpoint, and the run's own directory stays
+    free for the real run)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast dtype. 'auto': bf16 on CUDA from Ampere on (fp16 before it) and on CPUs with native bf16
     (avx512_bf16/AMX), else fp32: emulated bf16 is 2-12x slower than fp32 (classifier/hardware.py).

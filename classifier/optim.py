@@ -12,19 +12,35 @@ import math
 import torch
 from torch import nn
 
+from classifier import finetune
 from classifier.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights of conv/linear layers decay; biases and norm parameters (all 1-d) do not."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def param_groups(
+    model: nn.Module, weight_decay: float, *, backbone_lr_mult: float = 1.0, layer_decay: float = 1.0
+) -> list[dict]:
+    """Weights of conv/linear layers decay; biases and norm parameters (all 1-d) do not. With
+    discriminative LRs (--optim.backbone-lr-mult, --optim.layer-decay) that is two groups per stage
+    (finetune.stages), else two groups for stage 'all'. Each group carries its stage's name and
+    `lr_mult`, the fraction of the scheduled LR that set_lr gives it."""
+    if (backbone_lr_mult, layer_decay) == (1.0, 1.0):
+        model_stages, multipliers = [("all", list(model.named_parameters()))], [1.0]
+    else:
+        model_stages = finetune.stages(model)
+        multipliers = finetune.lr_multipliers(
+            [name for name, _ in model_stages], backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay
+        )
+    groups = []
+    for (stage, named), lr_mult in zip(model_stages, multipliers, strict=True):
+        params = [param for _, param in named if param.requires_grad]
+        decay = [param for param in params if param.ndim > 1]
+        no_decay = [param for param in params if param.ndim <= 1]
+        for members, decay_value in ((decay, weight_decay), (no_decay, 0.0)):
+            if members:
+                groups.append(
+                    {"params": members, "weight_decay": decay_value, "lr_mult": lr_mult, "stage": stage}
+                )
+    return groups
 
 
 def default_lr(optimizer: str, pretrained: bool) -> float:
@@ -44,8 +60,10 @@ def build_optimizer(
     weight_decay: float,
     momentum: float,
     betas: tuple[float, float],
+    backbone_lr_mult: float = 1.0,
+    layer_decay: float = 1.0,
 ) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
     if name == "sgd":
@@ -91,10 +109,20 @@ def lr_at(
     return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
+def head_first_lr_at(step: int, *, freeze_steps: int, warmup_steps: int, peak_lr: float, then) -> float:
+    """--freeze-epochs: while only the head trains (the first `freeze_steps` steps), a linear warmup to
+    the peak and then the peak; from the unfreeze on, `then` (lr_at over the remaining steps) counted
+    from the unfreeze, so the whole network warms up again before the cosine or the steps."""
+    if step < freeze_steps:
+        return peak_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+    return then(step - freeze_steps)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule owns the learning rate: every parameter group gets `lr` before each step."""
+    """The schedule owns the learning rate: each parameter group gets `lr` times its `lr_mult` (1 unless
+    discriminative LRs are on) before each step."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def peak_lr(cfg: OptimConfig, fine_tuning: bool) -> tuple[float, str]:
