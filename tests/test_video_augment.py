@@ -257,3 +257,44 @@ def test_images_other_than_uint8_rgb_are_refused(crops):
         degrade_batch(crops.float(), **only("jpeg"), generator=seeded(0))
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         VideoDegrade(**only("jpeg"))(crops[0, :1])
+
+
+# --- wired into training -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["regular", "fast"])
+def test_both_data_paths_put_occlusion_in_the_training_batch(fmnist_small_root, tmp_path, monkeypatch, path):
+    """train.py's first batch (the one train_batch.png draws) with --data.occlusion 1 against the same
+    run without it: with the random crop pinned to the whole image and no flip, every image differs, and
+    only in a patch that touches the image's border (an occluder enters from an edge)."""
+    from helpers import NO_DATA_REPORTS, TINY_RUN
+
+    import train
+    from classifier import plots
+    from classifier.cli import parse_cli
+
+    drawn = []  # the batch each run's train_batch.png shows
+    real_figure = plots.train_batch_figure
+
+    def recording(images, *args, **kwargs):
+        drawn.append(images)
+        return real_figure(images, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "train_batch_figure", recording)
+    common = [
+        *TINY_RUN,
+        *NO_DATA_REPORTS,
+        *("--data.root", str(fmnist_small_root), "--out-dir", str(tmp_path)),
+        *("--data.crop-scale", "1", "1", "--data.crop-ratio", "1", "1", "--data.no-hflip"),
+        *("--data.max-train-batches", "1", "--data.batch-size", "16", "--data.no-scan-images"),
+        *(["--data.fast-path"] if path == "fast" else []),
+    ]
+    for name, occlusion in (("plain", "0"), ("occluded", "1")):
+        train.main(parse_cli([*common, "--name", name, "--data.occlusion", occlusion]))
+        assert (tmp_path / name / "plots" / "train_batch.png").is_file()
+    plain, occluded = drawn
+    differs = (plain != occluded).any(dim=1)  # (N, H, W): pixels the patch changed
+    assert differs.flatten(1).any(dim=1).all(), "an image came through without its occlusion"
+    border = torch.zeros_like(differs[0])
+    border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
+    assert (differs & border).flatten(1).any(dim=1).all(), "a changed patch does not reach the border"
