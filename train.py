@@ -50,6 +50,7 @@ from classifier import (
     transforms,
     unreadable,
     validation,
+    video_augment,
 )
 from classifier.card import ModelCard
 from classifier.checkpoint import TrainState
@@ -84,6 +85,13 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     resumed = None
     if cfg.find_lr and cfg.resume is not None:
         raise SystemExit("error: --find-lr scans from the initial weights; it does not take --resume")
+    try:  # flag values out of their range stop the run before anything is written
+        finetune.check_multipliers(
+            backbone_lr_mult=cfg.optim.backbone_lr_mult, layer_decay=cfg.optim.layer_decay
+        )
+        video_augment.check_probabilities(**transforms.video_degradations(cfg.data))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if cfg.resume is not None:
         resumed = checkpoint.load_checkpoint(cfg.resume)
         resume.check_resumable(resumed, resumed["loaded_from"])
@@ -257,6 +265,11 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     # Head first (--freeze-epochs): the backbone gets no gradients until step freeze_steps.
     backbone_frozen = state.step < freeze_steps
     finetune.set_backbone_trainable(model, not backbone_frozen)
+    if backbone_frozen:
+        log.print(
+            f"head first: only {models.head_name(model)} trains until step {freeze_steps} "
+            f"(--freeze-epochs {cfg.freeze_epochs}); the backbone and its BatchNorm statistics are frozen"
+        )
 
     # Wrap last: checkpoints and EMA always see the plain `model`; `net` is what the step calls.
     if cfg.sync_batchnorm and dist_info.enabled:
@@ -367,7 +380,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         milestones=milestones,
         gamma=cfg.optim.gamma,
     )
-    if freeze_steps > 0:  # the head alone at the peak LR, then the schedule above from the unfreeze
+    if freeze_steps > 0:  # the head alone (warmup, then the peak LR), then the schedule above afresh
         lr_schedule = functools.partial(
             optim.head_first_lr_at,
             freeze_steps=freeze_steps,
@@ -665,6 +678,11 @@ def check_freeze(
     if freeze_epochs < 0 or (freeze_epochs > 0 and freeze_steps >= total_steps):
         raise SystemExit(
             f"error: --freeze-epochs {freeze_epochs}: must be at least 0 and below --epochs {epochs}"
+        )
+    if freeze_epochs > 0 and freeze_steps == 0:
+        raise SystemExit(
+            f"error: --freeze-epochs {freeze_epochs} is less than one optimizer step "
+            f"({total_steps // epochs} steps per epoch): give more, or 0 for no freezing"
         )
     if freeze_epochs > 0 and pretrained is None:
         raise SystemExit(

@@ -45,11 +45,16 @@ def stages(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]
 def lr_multipliers(stage_names: list[str], *, backbone_lr_mult: float, layer_decay: float) -> list[float]:
     """One LR multiplier per stage (stage_names from input to head, head last): the head 1; the stage k
     below it backbone_lr_mult * layer_decay**k (the last backbone stage k=1, the stem k=len-1)."""
+    check_multipliers(backbone_lr_mult=backbone_lr_mult, layer_decay=layer_decay)
+    depth = len(stage_names) - 1
+    return [1.0 if k == 0 else backbone_lr_mult * layer_decay**k for k in range(depth, -1, -1)]
+
+
+def check_multipliers(*, backbone_lr_mult: float, layer_decay: float) -> None:
+    """ValueError naming the flag when a multiplier is outside (0, 1] (NaN included)."""
     for flag, value in (("--optim.backbone-lr-mult", backbone_lr_mult), ("--optim.layer-decay", layer_decay)):
         if not 0 < value <= 1:
             raise ValueError(f"{flag} {value}: must be in (0, 1] (1 turns it off)")
-    depth = len(stage_names) - 1
-    return [1.0 if k == 0 else backbone_lr_mult * layer_decay**k for k in range(depth, -1, -1)]
 
 
 def describe_multipliers(stage_names: list[str], multipliers: list[float]) -> str:

@@ -200,6 +200,9 @@ def test_freeze_bn_stats_keeps_the_loaded_statistics_for_the_whole_run(
     [
         (["--freeze-epochs", "2"], "--freeze-epochs 2.0: must be at least 0 and below --epochs 2"),
         (["--pretrained", "None"], "--freeze-epochs 1.0 freezes a random backbone"),
+        (["--freeze-epochs", "0.01"], "--freeze-epochs 0.01 is less than one optimizer step"),
+        (["--optim.layer-decay", "0"], "--optim.layer-decay 0.0: must be in"),
+        (["--data.jpeg", "1.5"], "--data.jpeg must be a probability in"),
     ],
 )
 def test_bad_freeze_settings_are_named(extra, message, fmnist_small_root, tmp_path, pretrained_file):
