@@ -99,22 +99,19 @@ def to_square(
     """uint8 (3, H, W) -> uint8 (3, side, side) by 'pad' (the longer side to `side`, then centered on a
     square of `fill`) or 'stretch' (both sides to `side`). 'crop' is Resize + CenterCrop, done by the
     callers with torchvision's own transforms."""
-    mode_of_interpolation = InterpolationMode(interpolation)
+    resample = InterpolationMode(interpolation)
     if mode == "stretch":
-        return T.functional.resize(image, [side, side], interpolation=mode_of_interpolation, antialias=True)
+        return T.functional.resize(image, [side, side], interpolation=resample, antialias=True)
     if mode != "pad":
         raise ValueError(f"to_square: mode {mode!r} is not 'pad' or 'stretch'")
     height, width = image.shape[-2:]
     scale = side / max(height, width)
     new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-    image = T.functional.resize(
-        image, [new_height, new_width], interpolation=mode_of_interpolation, antialias=True
-    )
-    left, top = (side - new_width) // 2, (side - new_height) // 2
-    right, bottom = side - new_width - left, side - new_height - top
+    image = T.functional.resize(image, [new_height, new_width], interpolation=resample, antialias=True)
+    top, left = (side - new_height) // 2, (side - new_width) // 2  # an odd leftover pixel goes below/right
     square = torch.empty((image.shape[0], side, side), dtype=image.dtype)
     square[:] = torch.tensor(list(fill), dtype=image.dtype).view(-1, 1, 1)
-    square[:, top : side - bottom, left : side - right] = image
+    square[:, top : top + new_height, left : left + new_width] = image
     return square
 
 
