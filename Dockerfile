@@ -7,7 +7,8 @@
 #       classifier-training --preset fashion-mnist --name demo
 #
 # --shm-size: DataLoader workers pass batches through shared memory, and Docker's default 64 MB is too small.
-# Other scripts: docker run ... --entrypoint python classifier-training evaluate.py --help
+# Other scripts: docker run ... --entrypoint python classifier-training evaluate.py --help (or export.py,
+# predict.py)
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 

@@ -26,27 +26,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
-from classifier import checkpoint as ckpt
-from classifier import files, label_issues, models, plots
+from classifier import files, label_issues, plots
 from classifier.calibration import NO_TEMPERATURE
-from classifier.card import ModelCard
 from classifier.data import ImageDataset, build_splits, make_loader
 from classifier.group_report import GroupVote, group_rows, groups_for_eval, judge_groups, summary_lines
 from classifier.images import load_image
-from classifier.onnx_export import (
-    graph_input_transform,
-    onnx_session,
-    read_sidecar,
-    run_onnx,
-)
+from classifier.inference import load_classifier
 from classifier.report import (
     calibration_summary,
     compute_report,
@@ -55,7 +47,7 @@ from classifier.report import (
     worst_first,
 )
 from classifier.sampling import EpochSampler
-from classifier.transforms import eval_resize_crop, eval_transform
+from classifier.transforms import eval_resize_crop
 
 
 @dataclass(frozen=True)
@@ -89,56 +81,6 @@ class EvalArgs:
     """How many of the most confidently wrong images errors.png shows."""
     label_issues: int = 36
     """How many of the most doubted labels label_issues.png shows."""
-
-
-@dataclass
-class Classifier:
-    """A model to judge, whichever runtime it lives in: `predict` maps a batch of what `transform` makes
-    of each uint8 image to float32 logits on the CPU; `card` holds its classes, preprocessing, data split,
-    weights and temperature (None: none was fitted for these weights)."""
-
-    predict: Callable[[torch.Tensor], torch.Tensor]
-    transform: Callable[[torch.Tensor], torch.Tensor]
-    card: ModelCard
-    source: Path  # the file whose weights are used (for a checkpoint: the one load_checkpoint read)
-    backend: str
-
-
-def load_classifier(path: Path, device: str) -> Classifier:
-    if path.suffix == ".onnx":
-        sidecar = read_sidecar(path)
-        try:
-            card = ModelCard.from_mapping(sidecar)
-        except ValueError as err:
-            raise SystemExit(f"error: {path}'s sidecar: {err} (export it with export.py)") from None
-        if card.weights is None:  # a sidecar that does not say which weights it holds
-            card = replace(card, weights="unknown")
-        session = onnx_session(path)
-        return Classifier(
-            predict=lambda images: torch.from_numpy(run_onnx(session, images, len(images))),
-            transform=graph_input_transform(
-                sidecar.get("baked_preprocessing", "none"), sidecar["preprocessing"]
-            ),
-            card=card,
-            source=path,
-            backend="onnxruntime",
-        )
-    state = ckpt.load_checkpoint(path)
-    model, weights = models.model_from_checkpoint(state)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    model.to(device)
-
-    @torch.no_grad()
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        return model(images.to(device)).float().cpu()
-
-    return Classifier(
-        predict=predict,
-        transform=eval_transform(state["preprocessing"]),
-        card=ModelCard.from_checkpoint(state, weights),
-        source=Path(state["loaded_from"]),  # last.prev.pt when last.pt was unreadable
-        backend="pytorch",
-    )
 
 
 def to_csv(header: list[str], rows: list[list]) -> str:

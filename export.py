@@ -23,8 +23,6 @@ from typing import Literal
 
 import torch
 import tyro
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from classifier import checkpoint as ckpt
@@ -32,11 +30,11 @@ from classifier import models
 from classifier.card import ModelCard
 from classifier.data import build_splits
 from classifier.images import load_image
+from classifier.inference import read_safetensors
 from classifier.onnx_export import (
     OPSET,
     OUTPUT_NAME,
     classes_sha256,
-    decode_metadata,
     export_onnx,
     graph_input_transform,
     graph_module,
@@ -91,19 +89,10 @@ def load_source(path: Path) -> tuple[nn.Module, Source]:
 
 
 def load_safetensors(path: Path) -> tuple[nn.Module, Source]:
-    """The card from the file's metadata, as train.py's best.safetensors and our model.safetensors carry
-    it; a file without one is refused. A card that does not say which weights it holds reads 'unknown'."""
-    with safe_open(str(path), "pt") as f:
-        meta = decode_metadata(f.metadata() or {})
-    try:
-        card = ModelCard.from_mapping(meta)
-    except ValueError as err:
-        raise SystemExit(f"error: {path}: {err}; export from the .pt checkpoint instead") from None
-    if card.weights is None:
-        card = replace(card, weights="unknown")
-    model = models.build_from_card(card)
-    model.load_state_dict(load_file(path))  # strict: a mismatched architecture fails here, loudly
-    return model.eval(), Source(card, path.resolve())
+    """The model and the card from the file's metadata, as train.py's best.safetensors and our
+    model.safetensors carry it (classifier/inference.py reads it); a file without one is refused."""
+    model, card = read_safetensors(path)
+    return model, Source(card, path.resolve())
 
 
 def build_sidecar(source: Source, input_kind: str) -> dict:

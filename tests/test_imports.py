@@ -11,11 +11,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("classifier", "configs")
-SCRIPTS = ("train.py", "evaluate.py", "export.py")
+SCRIPTS = ("train.py", "evaluate.py", "export.py", "predict.py")
 
 
 def project_sources() -> dict[str, Path]:
-    """Module name -> file, for every module of the package, the presets and the three scripts."""
+    """Module name -> file, for every module of the package, the presets and the top-level scripts."""
     sources = {}
     for package in PROJECT_PACKAGES:
         for path in sorted((ROOT / package).glob("*.py")):

@@ -14,7 +14,7 @@ except ModuleNotFoundError:  # 3.10, which requires-python allows: pytest itself
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
-TASKS = ("demo", "train", "test", "export", "evaluate", "prepare-data")
+TASKS = ("demo", "train", "test", "export", "evaluate", "predict", "prepare-data")
 
 
 def load_toml(name: str) -> dict:
