@@ -14,11 +14,17 @@ label_issues.png shows the top of that queue (classifier/label_issues.py; on `--
 are in-sample). When the data's groups are known (the run's --data.group-pattern, a manifest's group
 column, or this command's --data.group-pattern), each group (track, clip) also gets one vote, the argmax
 of its images' mean calibrated probability: metrics.json's "groups" and groups.csv (group_report.py).
+Selective prediction (classifier/selective.py): risk_coverage.png (accuracy of the images kept against the
+share kept as the calibrated-confidence threshold rises) and metrics.json's "selective": this split's
+threshold per target accuracy (0.95, 0.99, 0.995) with its coverage, accuracy and kept count, and what the
+thresholds the model carries from its val split keep here.
 
 predictions.csv has both confidences of the predicted class: `confidence` is softmax(logits), as the
 model's logits give it (what errors.png shows), and `confidence_calibrated` is softmax(logits / T) with
-the model's fitted T (equal to `confidence` when none was fitted). metrics.json's `model` names the file
-whose weights were read: last.prev.pt when a run directory's last.pt was unreadable.
+the model's fitted T (equal to `confidence` when none was fitted), both with six decimals: keeping the rows
+with confidence_calibrated >= a stored threshold (halfway between two confidences) gives the kept set it was
+computed from, unless those two confidences lie within 1e-6 of each other. metrics.json's `model` names the
+file whose weights were read: last.prev.pt when a run directory's last.pt was unreadable.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Literal
 import torch
 import tyro
 
-from classifier import files, label_issues, plots
+from classifier import files, label_issues, plots, selective
 from classifier.calibration import NO_TEMPERATURE
 from classifier.data import ImageDataset, build_splits, make_loader
 from classifier.group_report import GroupVote, group_rows, groups_for_eval, judge_groups, summary_lines
@@ -141,7 +147,7 @@ def write_tables(out: Path, report: dict, samples: list, logits: torch.Tensor, l
         to_csv(
             ["path", "true", "predicted", "confidence", "confidence_calibrated", "correct"],
             [
-                [path, classes[t], classes[p], f"{c:.4f}", f"{c_cal:.4f}", int(t == p)]
+                [path, classes[t], classes[p], f"{c:.6f}", f"{c_cal:.6f}", int(t == p)]
                 for (path, _), t, p, c, c_cal in rows
             ],
         ),
@@ -157,7 +163,8 @@ def write_pictures(
     preprocessing: dict,
     errors: int,
 ) -> None:
-    """Both confusion matrices, and the `errors` most confidently wrong images as the model saw them."""
+    """Both confusion matrices, the `errors` most confidently wrong images as the model saw them, the
+    reliability diagram and the risk-coverage curve."""
     classes = [row["class"] for row in report["per_class"]]
     for normalize, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
         plots.save_figure(plots.confusion_matrix_figure(report["confusion"], classes, normalize), out / name)
@@ -184,6 +191,8 @@ def write_pictures(
         ),
         out / "reliability.png",
     )
+    curve = selective.risk_coverage(*selective.top1_confidence(logits, labels, temperature))
+    plots.save_figure(selective.risk_coverage_figure(curve, report["selective"]), out / "risk_coverage.png")
 
 
 def write_groups(out: Path, vote: GroupVote, classes: list[str]) -> None:
@@ -238,6 +247,12 @@ def main(args: EvalArgs) -> dict:
         "temperature_fitted": card.temperature is not None,
         "groups": None,  # filled below when the data's groups are known
     }
+    # Selective prediction on this split's calibrated confidences, and the model's own thresholds applied.
+    confidence, correct = selective.top1_confidence(logits, labels, temperature)
+    report["selective"] = {
+        **selective.abstain_thresholds(confidence, correct, split=args.split, temperature=temperature),
+        "stored": selective.at_stored_thresholds(confidence, correct, card.abstain_thresholds, temperature),
+    }
     if groups:
         calibrated = (logits.float() / temperature).softmax(dim=1)
         train = splits.train if args.split != "train" else None
@@ -275,6 +290,9 @@ def main(args: EvalArgs) -> dict:
             f"ECE {report['ece']:.4f} -> {report['ece_calibrated']:.4f} | "
             f"NLL {report['nll']:.4f} -> {report['nll_calibrated']:.4f}"
         )
+    print(selective.summary_line(report["selective"]))
+    if report["selective"]["stored"]:
+        print(selective.stored_line(report["selective"]["stored"], args.split))
     if report["groups"]:
         print("\n".join(summary_lines(report["groups"], args.split)))
     worst = ", ".join(f"{r['class']} {r['f1']:.2f}" for r in worst_first(report["per_class"])[:5])

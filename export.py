@@ -98,8 +98,9 @@ def load_safetensors(path: Path) -> tuple[nn.Module, Source]:
 def build_sidecar(source: Source, input_kind: str) -> dict:
     """labels_mapping.json: the card (class order as trained, preprocessing, architecture, weights, the
     logit adjustment already folded into the head's bias, the data split), and what the export adds: what
-    the graph takes and returns, where it came from, and the temperature with how to use it. The same dict
-    goes into the ONNX and safetensors metadata."""
+    the graph takes and returns, where it came from, the temperature with how to use it, and the abstain
+    thresholds (null when none were computed for these weights, so a consumer never guesses). The same
+    dict goes into the ONNX and safetensors metadata."""
     card = source.card
     preprocessing = dict(card.preprocessing)
     graph_input = input_spec(input_kind, input_side(preprocessing))
@@ -122,6 +123,7 @@ def build_sidecar(source: Source, input_kind: str) -> dict:
             "meaning": "raw logits; probabilities = softmax(logits / temperature)",
         },
         **temperature_facts(card.temperature),
+        "abstain_thresholds": card.abstain_thresholds,
         "exporter": f"torch {torch.__version__} dynamo exporter, ONNX opset {OPSET}",
     }
 
@@ -140,6 +142,17 @@ def temperature_facts(temperature: float | None) -> dict:
         "exported logits are NOT divided by it (argmax unchanged)"
     )
     return {"temperature": float(temperature), "temperature_fitted": True, "temperature_note": note}
+
+
+def thresholds_text(thresholds: dict | None) -> str:
+    """For the last line: which target accuracies have a stored abstain threshold, and from where."""
+    if thresholds is None:
+        return "no abstain thresholds"
+    reachable = [row["target"] for row in thresholds["targets"] if row["reachable"]]
+    return (
+        f"abstain thresholds for {reachable or 'no target'} "
+        f"({thresholds['split']}, {thresholds['images']} images)"
+    )
 
 
 # --- which images to verify on -----------------------------------------------------------------------
@@ -253,6 +266,7 @@ def main(args: ExportArgs) -> Path:
         f"{OUTPUT_NAME} {sidecar['output']['shape']} | {len(card.classes)} classes | "
         f"temperature {sidecar['temperature']:.3f}"
         + ("" if sidecar["temperature_fitted"] else " (none fitted: uncalibrated)")
+        + f" | {thresholds_text(card.abstain_thresholds)}"
     )
     return out
 

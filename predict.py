@@ -3,6 +3,7 @@
     python predict.py runs/NAME/checkpoints/best.pt crops/ --out predictions.csv
     python predict.py runs/NAME/best.safetensors 'crops/**/*.jpg' --out predictions.jsonl --top-k 3
     python predict.py runs/NAME/checkpoints/best-export/model.onnx paths.txt --out p.csv --min-confidence 0.9
+    python predict.py runs/NAME/checkpoints/best.pt crops/ --out p.csv --target-accuracy 0.99
 
 MODEL is a checkpoint (.pt), a run directory (its checkpoints/last.pt), a .safetensors with the model card
 in its metadata (train.py's best.safetensors, export.py's model.safetensors) or an exported model.onnx
@@ -15,9 +16,11 @@ An input that does not exist stops the command before the model is loaded.
 Writes one row per file, in input order, as CSV or JSON Lines by --out's suffix: the path, the top-k class
 names from the model's own mapping with their calibrated probabilities softmax(logits / T) (T: the
 temperature fitted on the run's val split; 1.0 and uncalibrated when none was, which is said), and
-`abstained`: true when the top-1 probability is below --min-confidence. A file that cannot be read gets
-its error, no classes and `abstained` true (so whoever keeps the rows with `abstained` false never takes
-it for a prediction); it never stops the run.
+`abstained`: true when the top-1 probability is below --min-confidence, or below the threshold the model
+carries for --target-accuracy (train.py computes them on the val split; see classifier/selective.py and
+the caveat on small val splits in the README). A file that cannot be read gets its error, no classes and
+`abstained` true (so whoever keeps the rows with `abstained` false never takes it for a prediction); it
+never stops the run.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from tqdm import tqdm
 
 from classifier import files
 from classifier.calibration import NO_TEMPERATURE
+from classifier.card import ModelCard
 from classifier.images import IMAGE_EXTENSIONS, load_image
 from classifier.inference import Classifier, load_classifier
+from classifier.selective import stored_threshold
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class PredictArgs:
     """Classes (with probabilities) per image, most probable first; at most the model's class count."""
     min_confidence: float | None = None
     """Abstain (abstained = true) when the top-1 calibrated probability is below this. Default: never."""
+    target_accuracy: float | None = None
+    """Abstain below the threshold stored with the model for this accuracy (train.py stores 0.95, 0.99 and
+    0.995 where its val split reaches them). Not with --min-confidence."""
     batch_size: int = 64
     """Images per forward pass."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -234,12 +242,37 @@ def check_args(args: PredictArgs) -> None:
         raise SystemExit(f"error: --top-k must be at least 1, got {args.top_k}")
     if args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be at least 1, got {args.batch_size}")
+    if args.min_confidence is not None and args.target_accuracy is not None:
+        raise SystemExit("error: give --min-confidence or --target-accuracy, not both")
     if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
         raise SystemExit(f"error: --min-confidence must be in [0, 1], got {args.min_confidence}")
     if not args.model.exists():
         raise SystemExit(f"error: model {args.model} does not exist")
     if args.model.suffix == ".onnx" and args.device == "cuda":
         raise SystemExit("error: --device cuda: ONNX models run on the CPU here; leave --device out")
+
+
+def abstain_below(args: PredictArgs, card: ModelCard, source: Path) -> float | None:
+    """The confidence to abstain below: --min-confidence, or the model's stored threshold for
+    --target-accuracy (said with the split and count it came from), or None (never abstain)."""
+    if args.target_accuracy is None:
+        return args.min_confidence
+    try:
+        row = stored_threshold(card.abstain_thresholds, args.target_accuracy)
+    except ValueError as err:
+        raise SystemExit(f"error: --target-accuracy {args.target_accuracy}: {source}: {err}") from None
+    stored = card.abstain_thresholds
+    if stored["temperature"] != card.temperature:  # the confidences would not be the ones it was cut on
+        raise SystemExit(
+            f"error: --target-accuracy: {source}'s thresholds were computed with temperature "
+            f"{stored['temperature']}, but its temperature is {card.temperature}"
+        )
+    print(
+        f"abstain: below {row['threshold']:.6f}, the threshold for accuracy {args.target_accuracy} "
+        f"stored with {source.name}: on its {stored['split']} split it kept {row['kept']} of "
+        f"{stored['images']} images ({row['coverage']:.1%}) at accuracy {row['accuracy']:.4f}"
+    )
+    return row["threshold"]
 
 
 def main(args: PredictArgs) -> list[dict]:
@@ -258,6 +291,7 @@ def main(args: PredictArgs) -> list[dict]:
         print(f"calibration: no temperature stored with {model.source.name}: T = 1.0, uncalibrated")
     else:
         print(f"calibration: softmax(logits / {temperature:.3f}), T fitted on the run's val split")
+    min_confidence = abstain_below(args, card, model.source)
 
     logits, readable, errors = predict_files(model, paths, batch_size=args.batch_size, progress=args.progress)
     rows = prediction_rows(
@@ -268,7 +302,7 @@ def main(args: PredictArgs) -> list[dict]:
         classes=classes,
         temperature=temperature,
         top_k=top_k,
-        min_confidence=args.min_confidence,
+        min_confidence=min_confidence,
     )
     # Atomic: a pipeline polling for the file never reads half of it.
     files.write_text(args.out, to_csv(rows, top_k) if args.out.suffix == ".csv" else to_jsonl(rows))
@@ -279,7 +313,7 @@ def main(args: PredictArgs) -> list[dict]:
     if len(unreadable) > 5:
         print(f"unreadable: {len(unreadable) - 5} more, listed in {args.out}", file=sys.stderr)
     abstained = sum(row["abstained"] for row in rows if not row["error"])
-    threshold = "no --min-confidence" if args.min_confidence is None else f"below {args.min_confidence}"
+    threshold = "never: no threshold given" if min_confidence is None else f"below {min_confidence:.6g}"
     print(
         f"{model.backend} {model.source}: predicted {len(readable)} of {len(paths)} files | "
         f"{abstained} abstained ({threshold}) | {len(unreadable)} unreadable (listed with their error) | "

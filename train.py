@@ -6,9 +6,9 @@
     torchrun --nproc_per_node=2 train.py ...                     # DDP, one process per device
 
 train() reads in order: set-up, data, derived numbers, model/optimizer/precision, resume, wrap, record
-the run, the batch loop (the optimizer step inline), the end of each epoch, calibration. main() only
-wraps it in signal handling and teardown. Lines tagged `# plumbing:` serve DDP, signals or NaN checks
-and can be skipped on a first read.
+the run, the batch loop (the optimizer step inline), the end of each epoch, calibration and abstain
+thresholds. main() only wraps it in signal handling and teardown. Lines tagged `# plumbing:` serve DDP,
+signals or NaN checks and can be skipped on a first read.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from classifier import (
     resume,
     runlog,
     selection,
+    selective,
     transforms,
     unreadable,
     validation,
@@ -565,6 +566,12 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         channels_last=channels_last,
         log=log,
     )
+    # Abstain thresholds per target accuracy from best.pt's calibrated val probabilities: into best.pt
+    # and best.safetensors, so they travel to the exports and predict.py --target-accuracy.
+    thresholds = selective.thresholds_for_best(
+        run_dir, val_loader, device=device, channels_last=channels_last
+    )
+    log.print(selective.summary_line(thresholds))
     # The label-issue queue: the training images as validation sees them (no augmentation), in file order.
     if cfg.label_issues and not cfg.debug:
         train_as_val = data.ImageDataset(splits.train, transforms.eval_transform(preprocessing))

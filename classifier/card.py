@@ -2,10 +2,11 @@
 
 A consumer of the weights needs the class order as trained, the preprocessing, the architecture, which
 weights were kept (EMA or raw), the logit adjustment already folded into the head, the data split the
-numbers were measured on, and the fitted temperature. train.py builds the card once; the same object
-writes labels_mapping.json and best.safetensors' metadata (`to_mapping`), and export.py and evaluate.py
-read it back (`from_checkpoint`, `from_mapping`). How the weights themselves are stored is
-checkpoint.py's business; what the ONNX graph takes and returns is added by export.py.
+numbers were measured on, the fitted temperature and the abstain thresholds per target accuracy
+(selective.py). train.py builds the card once; the same object writes labels_mapping.json and
+best.safetensors' metadata (`to_mapping`), and export.py and evaluate.py read it back (`from_checkpoint`,
+`from_mapping`). How the weights themselves are stored is checkpoint.py's business; what the ONNX graph
+takes and returns is added by export.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class DataSplit:
         return dataclasses.asdict(self)
 
 
-# What every mapping of a card holds; weights, epoch and temperature only once they are known.
+# What every mapping of a card holds; weights, epoch, temperature and abstain thresholds only once known.
 MAPPING_KEYS = (
     "num_classes",
     "idx_to_class",
@@ -58,6 +59,9 @@ class ModelCard:
     weights: str | None = None  # 'ema' or 'raw': the weights validation preferred; None before training
     epoch: int | None = None  # the epoch these weights finished; None before training
     temperature: float | None = None  # fitted on the val split; None: not fitted
+    # selective.abstain_thresholds on the val split with that temperature; None: none computed (a model
+    # trained before they were, or not best.pt)
+    abstain_thresholds: dict | None = None
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, classes: list[str], preprocessing: dict) -> ModelCard:
@@ -80,8 +84,8 @@ class ModelCard:
     @classmethod
     def from_checkpoint(cls, state: dict, weights: str) -> ModelCard:
         """The card of a checkpoint's `weights` ('ema' or 'raw', as checkpoint.inference_weights chose).
-        Its temperature is None unless calibration wrote one into this very file; its epoch is not
-        recorded (a checkpoint's "epoch" is the one a resume would start)."""
+        Its temperature and abstain thresholds are None unless training wrote them into this very file;
+        its epoch is not recorded (a checkpoint's "epoch" is the one a resume would start)."""
         config = state["config"]
         return cls(
             classes=tuple(state["classes"]),
@@ -98,6 +102,7 @@ class ModelCard:
             ),
             weights=weights,
             temperature=state.get("temperature"),
+            abstain_thresholds=state.get("abstain_thresholds"),
         )
 
     @classmethod
@@ -105,7 +110,7 @@ class ModelCard:
         """Inverse of to_mapping: read back a sidecar or safetensors metadata (already JSON-decoded). A
         mapping without one of MAPPING_KEYS is refused (ValueError naming them): there is no other place
         to read the architecture or the data split from. A mapping that does not say its temperature was
-        fitted is read as not fitted."""
+        fitted is read as not fitted; one without abstain thresholds (or with null) as having none."""
         missing = [key for key in MAPPING_KEYS if key not in mapping]
         if missing:
             raise ValueError(f"a model card needs the keys {missing}")
@@ -121,6 +126,7 @@ class ModelCard:
             weights=mapping.get("weights"),
             epoch=mapping.get("epoch"),
             temperature=mapping.get("temperature") if fitted else None,
+            abstain_thresholds=mapping.get("abstain_thresholds"),
         )
 
     def chosen(self, *, weights: str, epoch: int) -> ModelCard:
@@ -129,7 +135,8 @@ class ModelCard:
 
     def to_mapping(self) -> dict:
         """labels_mapping.json's shape: class order both ways, preprocessing, architecture, data split;
-        weights, epoch and temperature only once they are known. Plain JSON-able data."""
+        weights, epoch, temperature and abstain thresholds only once they are known. Plain JSON-able
+        data."""
         mapping = {
             "num_classes": len(self.classes),
             "idx_to_class": {str(i): name for i, name in enumerate(self.classes)},
@@ -147,6 +154,8 @@ class ModelCard:
             mapping["epoch"] = self.epoch
         if self.temperature is not None:
             mapping.update(temperature=self.temperature, temperature_fitted=True)
+        if self.abstain_thresholds is not None:
+            mapping["abstain_thresholds"] = self.abstain_thresholds
         return mapping
 
 

@@ -45,13 +45,33 @@ def test_for_run_takes_the_config_facts():
     assert (card.model, card.small_input_stem, card.stem_stride) == ("resnet18", True, 2)
     assert card.logit_adjustment == "frequency"
     assert card.data == DataSplit(root="/data/jerseys", val_fraction=0.2, seed=3)
-    assert (card.weights, card.epoch, card.temperature) == (None, None, None)
+    assert (card.weights, card.epoch, card.temperature, card.abstain_thresholds) == (None, None, None, None)
+
+
+# selective.abstain_thresholds' shape, as train.py stores it with best.pt.
+THRESHOLDS = {
+    "split": "val",
+    "images": 120,
+    "temperature": 1.37,
+    "rule": "abstain when the top-1 probability softmax(logits / temperature) is below the threshold",
+    "targets": [
+        {"target": 0.95, "reachable": True, "min_kept": 20, "threshold": 0.625, "coverage": 0.75,
+         "accuracy": 0.9555555555555556, "kept": 90},
+        {"target": 0.99, "reachable": False, "min_kept": 100, "threshold": None, "coverage": None,
+         "accuracy": None, "kept": None},
+    ],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "known",
-    [{}, {"weights": "ema", "epoch": 4}, {"weights": "raw", "epoch": 0, "temperature": 1.37}],
-    ids=["before-training", "chosen", "calibrated"],
+    [
+        {},
+        {"weights": "ema", "epoch": 4},
+        {"weights": "raw", "epoch": 0, "temperature": 1.37},
+        {"weights": "raw", "epoch": 0, "temperature": 1.37, "abstain_thresholds": THRESHOLDS},
+    ],
+    ids=["before-training", "chosen", "calibrated", "with-thresholds"],
 )
 def test_mapping_round_trip_gives_the_same_card(known):
     card = dataclasses.replace(run_card(), **known)
@@ -71,7 +91,7 @@ def test_a_mapping_without_a_group_pattern_reads_as_no_groups():
 def test_to_mapping_leaves_out_what_is_not_known():
     mapping = run_card().to_mapping()
     assert list(mapping) == list(MAPPING_KEYS[:2]) + ["class_to_idx", *MAPPING_KEYS[2:]]
-    for key in ("weights", "epoch", "temperature", "temperature_fitted"):
+    for key in ("weights", "epoch", "temperature", "temperature_fitted", "abstain_thresholds"):
         assert key not in mapping
     chosen = run_card().chosen(weights="ema", epoch=2).to_mapping()
     assert (chosen["weights"], chosen["epoch"]) == ("ema", 2) and "temperature" not in chosen
@@ -112,16 +132,21 @@ def checkpoint_like(**extra) -> dict:
     }
 
 
-def test_from_checkpoint_reads_the_config_and_the_temperature():
+def test_from_checkpoint_reads_the_config_the_temperature_and_the_thresholds():
     card = ModelCard.from_checkpoint(checkpoint_like(temperature=1.25), "raw")
     assert card == dataclasses.replace(run_card(), weights="raw", temperature=1.25)
+    stored = ModelCard.from_checkpoint(
+        checkpoint_like(temperature=1.37, abstain_thresholds=THRESHOLDS), "raw"
+    )
+    assert stored.abstain_thresholds == THRESHOLDS
     assert card.epoch is None  # the checkpoint's "epoch" is not the weights'
     uncalibrated = ModelCard.from_checkpoint(checkpoint_like(), "ema")
     assert uncalibrated == dataclasses.replace(run_card(), weights="ema")
     assert ModelCard.from_mapping(json_round_trip(uncalibrated.to_mapping())) == uncalibrated
 
 
-# The 19 keys export.py's labels_mapping.json holds: the card's, less its epoch, and the export's own.
+# The 20 keys export.py's labels_mapping.json holds: the card's, less its epoch, and the export's own.
+# abstain_thresholds is always there, null when none were stored: a consumer never guesses.
 SIDECAR_KEYS = {
     *MAPPING_KEYS,
     "class_to_idx",
@@ -129,6 +154,7 @@ SIDECAR_KEYS = {
     "temperature",
     "temperature_fitted",
     "temperature_note",
+    "abstain_thresholds",
     "classes_sha256",
     "source_checkpoint",
     "baked_preprocessing",
@@ -138,12 +164,17 @@ SIDECAR_KEYS = {
 }
 
 
-@pytest.mark.parametrize("temperature", [None, 1.37])
-def test_export_sidecar_is_the_card_plus_the_exports_facts(temperature):
+@pytest.mark.parametrize(
+    ("temperature", "thresholds"),
+    [(None, None), (1.37, None), (1.37, THRESHOLDS)],
+    ids=["none", "T", "T+thresholds"],
+)
+def test_export_sidecar_is_the_card_plus_the_exports_facts(temperature, thresholds):
     card = ModelCard.for_run(CONFIG, CLASSES, PREPROCESSING).chosen(weights="ema", epoch=4)
-    card = dataclasses.replace(card, temperature=temperature)
+    card = dataclasses.replace(card, temperature=temperature, abstain_thresholds=thresholds)
     sidecar = export.build_sidecar(export.Source(card, Path("/runs/r/best.safetensors")), "uint8-nhwc")
-    assert set(sidecar) == SIDECAR_KEYS and len(SIDECAR_KEYS) == 19
+    assert set(sidecar) == SIDECAR_KEYS and len(SIDECAR_KEYS) == 20
+    assert sidecar["abstain_thresholds"] == thresholds
     assert sidecar["source_checkpoint"] == "/runs/r/best.safetensors" and sidecar["weights"] == "ema"
     assert sidecar["temperature"] == (1.0 if temperature is None else temperature)
     assert sidecar["temperature_fitted"] is (temperature is not None)
