@@ -121,13 +121,20 @@ def test_fashion_mnist_preset_image_size_suits_its_model():
 
 
 def test_jersey_preset_is_the_documented_fine_tuning_recipe():
-    """README's presets table: pretrained ResNet18, 64 px, no flip, mild crops, weighted sampler; no
-    RandAugment, erasing, MixUp or CutMix (they change or destroy digits). Its lr is not checked here: the
-    default derives it from whether weights are loaded. Catches any of those switched back on or off."""
+    """README's presets table: pretrained ResNet18, 64 px stretched to the square, LR 4e-4 (from the LR
+    finder), no head-first phase, no flip, mild crops, weighted sampler; no RandAugment, erasing, MixUp,
+    CutMix or video degradations. Catches any of those switched back on or off."""
     cfg = parse_cli(["--preset", "jersey"])
     defaults = TrainConfig().data
     assert (cfg.model, cfg.pretrained) == ("resnet18", "DEFAULT")
-    assert (cfg.data.image_size, cfg.data.resize_size) == (64, 64)
+    assert (cfg.data.image_size, cfg.data.resize_size, cfg.data.resize_mode) == (64, 64, "stretch")
+    assert (cfg.optim.lr, cfg.freeze_epochs, cfg.optim.backbone_lr_mult, cfg.optim.layer_decay) == (
+        4e-4,
+        0.0,
+        1.0,
+        1.0,
+    )
+    assert (cfg.data.motion_blur, cfg.data.low_resolution, cfg.data.jpeg, cfg.data.occlusion) == (0, 0, 0, 0)
     assert cfg.data.hflip is False  # digits are not mirror-symmetric
     # Mild crops: at least half the area is always kept, far from the default's 8%, and the aspect ratio
     # stays within the default's range.

@@ -521,9 +521,12 @@ def test_select_metric_keep_best_and_early_stopping(fmnist_small_root, tmp_path)
     assert result["best"]["epoch"] == best_epoch
 
 
-def test_jersey_preset_from_scratch_gets_the_from_scratch_lr(fmnist_small_root, tmp_path, capsys):
-    """The preset leaves the LR to the trainer: 1e-4 (AdamW) fine-tuning pretrained weights would crawl
-    from scratch, where the default is 1e-3."""
+def test_a_preset_lr_applies_from_scratch_too_and_the_start_up_line_says_so(
+    fmnist_small_root, tmp_path, capsys
+):
+    """The jersey preset sets its LR (4e-4, from the LR finder on bench/fine_tune.py), so it also applies
+    with --pretrained None, where the trainer's own default would be 1e-3: the start-up line must say the
+    preset set it, or a user could not tell why their from-scratch run crawls."""
     train.main(
         parse_cli(
             [
@@ -549,8 +552,8 @@ def test_jersey_preset_from_scratch_gets_the_from_scratch_lr(fmnist_small_root, 
             ]
         )
     )
-    assert json.loads((tmp_path / "j" / "config.json").read_text())["derived"]["peak_lr"] == 1e-3
-    assert "peak lr 1.0e-03 (adamw default from scratch)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "j" / "config.json").read_text())["derived"]["peak_lr"] == 4e-4
+    assert "peak lr 4.0e-04 (--optim.lr or the preset)" in capsys.readouterr().out
 
 
 def test_step_log_rate_covers_every_image_since_the_last_log_line(
