@@ -35,7 +35,7 @@ demo-steps: venv data
 # The lint runs first: a line over 110 characters or an unformatted file fails `make test`, so CI.
 # pytest's exit code 5 (no tests collected) fails this target like any other non-zero exit.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # ruff check: errors, imports, line length (110, pyproject.toml); ruff format --check: the layout.
 lint: venv
