@@ -27,8 +27,8 @@ preset as it was then (LR 1e-4, crop; configs/jersey.py's sha256 89c350d3...):
     scratch 0.923 ± 0.007, plain 0.902 ± 0.001, head-first 0.877 ± 0.006,
     head-first-disc-lr 0.881 ± 0.008, layer-decay 0.920 ± 0.005,
     lr-finder 0.925 ± 0.004 (suggested 5.2e-4, 3.6e-4, 3.0e-4), video-augment 0.872 ± 0.009.
-The preset now trains at 4e-4 with `stretch` resizing (its docstring says why), so a rerun retrains every
-config against it.
+configs/jersey.py sets 4e-4 and `stretch` resizing (its docstring says why), which differs from the
+preset these rows were measured with: a rerun retrains every config against the current file.
 
 Caveats:
 - The pretrained features are weak, unlike ImageNet's on real crops: a logistic regression on their
