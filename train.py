@@ -47,7 +47,6 @@ from classifier import (
     resume,
     runlog,
     selection,
-    selective,
     transforms,
     unreadable,
     validation,
@@ -557,21 +556,10 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             log.print(f"early stop: no better val {cfg.select_metric} in {patience} epochs")
             break
 
-    # Temperature scaling on the val split with best.pt's weights: T goes into best.pt and the exports.
-    calibration.calibrate_best(
-        run_dir,
-        val_loader,
-        device=device,
-        autocast=autocast,
-        channels_last=channels_last,
-        log=log,
-    )
-    # Abstain thresholds per target accuracy from best.pt's calibrated val probabilities: into best.pt
-    # and best.safetensors, so they travel to the exports and predict.py --target-accuracy.
-    thresholds = selective.thresholds_for_best(
-        run_dir, val_loader, device=device, channels_last=channels_last
-    )
-    log.print(selective.summary_line(thresholds))
+    # Temperature scaling on the val split with best.pt's weights, then the abstain thresholds per target
+    # accuracy on the calibrated probabilities: both into best.pt and best.safetensors, so they travel to
+    # the exports and predict.py --target-accuracy.
+    calibration.calibrate_best(run_dir, val_loader, device=device, channels_last=channels_last, log=log)
     # The label-issue queue: the training images as validation sees them (no augmentation), in file order.
     if cfg.label_issues and not cfg.debug:
         train_as_val = data.ImageDataset(splits.train, transforms.eval_transform(preprocessing))

@@ -1,23 +1,22 @@
 """Temperature scaling (Guo et al. 2017): one scalar T, fitted on the validation logits, such that
 softmax(logits / T) gives honest probabilities. Dividing by T never changes the argmax, so accuracy is
-untouched. This module fits T, collects the logits (gathered over DDP ranks) and stores T with the
-best checkpoint; the ECE and the reliability-diagram numbers come from report.py.
+untouched. This module fits T, collects the logits (gathered over DDP ranks) and, when training ends,
+stores T with the best checkpoint together with the abstain thresholds fitted on the same logits
+(selective.py computes those); the ECE and the reliability-diagram numbers come from report.py.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from classifier import checkpoint as ckpt
-from classifier import distributed, models
+from classifier import distributed, models, selective
 from classifier.report import calibration_summary
 from classifier.sampling import EpochSampler
 from classifier.validation import batch_logits
@@ -119,52 +118,50 @@ def calibrate_best(
     val_loader,
     *,
     device: torch.device,
-    autocast: AbstractContextManager,
     channels_last: bool,
     log,
+    targets: tuple[float, ...] = selective.TARGETS,
 ) -> float | None:
-    """Fit T on the validation split with best.pt's inference weights, store it in best.pt, in last.pt
-    when that holds the same weights, and in best.safetensors; None without best.pt. Every rank must
-    call it (the logits are gathered); rank 0 writes."""
-    found = best_logits(run_dir, val_loader, device=device, autocast=autocast, channels_last=channels_last)
+    """Fit T on the validation split with best.pt's inference weights, then the abstain thresholds for
+    `targets` on the calibrated confidences (selective.py), and store both with best.pt in one rewrite
+    (checkpoint.add_to_best: best.pt, last.pt when it is the same save, best.safetensors). Returns T; None
+    without best.pt or val images. Every rank must call it (the logits are gathered); rank 0 writes.
+
+    The logits are float32 without autocast, whatever the training precision: the numbers evaluate.py and
+    the exports give, so T and the thresholds reproduce there."""
+    found = best_logits(
+        run_dir, val_loader, device=device, autocast=nullcontext(), channels_last=channels_last
+    )
     if found is None:
         return None
-    state, logits, targets = found
-    if len(targets) == 0:
+    state, logits, labels = found
+    if len(labels) == 0:
         log.print("calibration skipped: the validation split is empty")
         return None
-    temperature = fit_temperature(logits, targets)
-    s = calibration_summary(logits, targets, temperature)
+    temperature = fit_temperature(logits, labels)
+    s = calibration_summary(logits, labels, temperature)
     fit = {
         "val_nll_before": s["nll"],
         "val_nll_after": s["nll_calibrated"],
         "val_ece_before": s["ece"],
         "val_ece_after": s["ece_calibrated"],
     }
+    confidence, correct = selective.top1_confidence(logits, labels, temperature)
+    thresholds = selective.abstain_thresholds(
+        confidence, correct, split="val", temperature=temperature, targets=targets
+    )
     if distributed.is_main():
-        store_temperature(Path(run_dir), {**state, "temperature": temperature, "temperature_fit": fit})
+        ckpt.add_to_best(
+            Path(run_dir),
+            state,
+            {"temperature": temperature, "temperature_fit": fit, "abstain_thresholds": thresholds},
+            {"temperature": temperature, "temperature_fitted": True, "abstain_thresholds": thresholds},
+        )
     distributed.barrier()  # no rank leaves (and no reader looks) before the files hold T
     log.print(
-        f"calibration: temperature {temperature:.3f} on {len(targets)} val images (best.pt, epoch "
+        f"calibration: temperature {temperature:.3f} on {len(labels)} val images (best.pt, epoch "
         f"{state['best']['epoch']}) | ECE {s['ece']:.4f} -> {s['ece_calibrated']:.4f} | "
         f"NLL {s['nll']:.4f} -> {s['nll_calibrated']:.4f}"
     )
+    log.print(selective.summary_line(thresholds))
     return temperature
-
-
-def store_temperature(run_dir: Path, best: dict) -> None:
-    """Rewrite best.pt (and last.pt when it is the same save) with T; add T to best.safetensors' metadata.
-    keep_previous=False: last.prev.pt must stay the save before, the one a corrupt last.pt falls back to."""
-    checkpoints = run_dir / "checkpoints"
-    ckpt.save_checkpoint(best, checkpoints / "best.pt", keep_previous=False)
-    if (checkpoints / "last.pt").is_file():
-        last = ckpt.read_checkpoint(checkpoints / "last.pt")
-        if all(last.get(k) == best.get(k) for k in ("epoch", "batches_in_epoch", "step")):
-            fitted = {k: best[k] for k in ("temperature", "temperature_fit")}
-            ckpt.save_checkpoint({**last, **fitted}, checkpoints / "last.pt", keep_previous=False)
-    weights = run_dir / "best.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), "pt") as f:
-            metadata = f.metadata() or {}
-        fitted = {"temperature": best["temperature"], "temperature_fitted": True}
-        ckpt.save_safetensors(load_file(weights), weights, {**metadata, **fitted})

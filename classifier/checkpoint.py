@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from classifier.files import atomic_write
@@ -154,6 +155,25 @@ def save_epoch(
     if best_weights is not None:
         save_checkpoint(without_resume_state, run_dir / "checkpoints" / "best.pt", keep_previous=False)
         save_safetensors(best_weights, run_dir / "best.safetensors", best_metadata)
+
+
+def add_to_best(run_dir: Path, best: dict, fields: dict, weights_metadata: dict) -> None:
+    """Rewrite best.pt (`best`, its state as read) with `fields` added, last.pt too when it is the same
+    save (same epoch and step), and add `weights_metadata` to best.safetensors' metadata. For what is
+    fitted after training on best.pt's weights (the temperature, the abstain thresholds). The weights are
+    unchanged, so keep_previous=False: last.prev.pt must stay the save before, the one a corrupt last.pt
+    falls back to."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    save_checkpoint({**best, **fields}, checkpoints / "best.pt", keep_previous=False)
+    if (checkpoints / "last.pt").is_file():
+        last = read_checkpoint(checkpoints / "last.pt")
+        if all(last.get(k) == best.get(k) for k in ("epoch", "batches_in_epoch", "step")):
+            save_checkpoint({**last, **fields}, checkpoints / "last.pt", keep_previous=False)
+    weights = Path(run_dir) / "best.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), "pt") as f:
+            metadata = f.metadata() or {}
+        save_safetensors(load_file(weights), weights, {**metadata, **weights_metadata})
 
 
 def find_checkpoint(path: Path) -> Path:

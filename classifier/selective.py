@@ -2,27 +2,20 @@
 and whether each prediction was right: the risk-coverage curve (accuracy of the images kept against the
 share kept, as the threshold rises), and per target accuracy the threshold to abstain below.
 
-train.py stores the val split's thresholds with best.pt (they travel in the model card), evaluate.py
-reports them on the split it judges, predict.py --target-accuracy abstains below one. The temperature is
-calibration.py's; the card that carries the thresholds is card.py's.
+calibration.calibrate_best stores the val split's thresholds with best.pt when training ends (they
+travel in the model card), evaluate.py reports them on the split it judges, predict.py --target-accuracy
+abstains below one. The temperature is calibration.py's; the card that carries the thresholds is card.py's.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from safetensors import safe_open
-from safetensors.torch import load_file
-
-from classifier import calibration, distributed
-from classifier import checkpoint as ckpt
 
 TARGETS = (0.95, 0.99, 0.995)  # the accuracies a threshold is stored for, unless a caller asks for others
 RULE = "abstain when the top-1 probability softmax(logits / temperature) is below the threshold"
@@ -230,59 +223,6 @@ def stored_line(applied: dict, split: str) -> str:
     if "not_applied" in applied:
         return f"{source}: not applied on {split}: {applied['not_applied']}"
     return f"{source} on {split} | " + (" | ".join(parts) or "none reachable there")
-
-
-# --- training: the thresholds that travel with best.pt -------------------------------------------------
-
-
-def thresholds_for_best(
-    run_dir: Path,
-    val_loader,
-    *,
-    device: torch.device,
-    channels_last: bool,
-    targets: tuple[float, ...] = TARGETS,
-) -> dict | None:
-    """The thresholds on the val split with best.pt's inference weights and the temperature calibration
-    stored in it, written into best.pt (and last.pt when it is the same save) and best.safetensors. None
-    without best.pt, val images or a temperature. Every rank must call it (the logits are gathered).
-
-    The logits are computed again, in float32 without autocast: the numbers evaluate.py and the exports
-    give, so the thresholds reproduce there (calibration's pass may run in bf16/fp16)."""
-    found = calibration.best_logits(
-        run_dir, val_loader, device=device, autocast=nullcontext(), channels_last=channels_last
-    )
-    if found is None:
-        return None
-    state, logits, labels = found
-    if len(labels) == 0 or state.get("temperature") is None:
-        return None
-    confidence, correct = top1_confidence(logits, labels, state["temperature"])
-    thresholds = abstain_thresholds(
-        confidence, correct, split="val", temperature=state["temperature"], targets=targets
-    )
-    if distributed.is_main():
-        store_thresholds(Path(run_dir), {**state, "abstain_thresholds": thresholds})
-    distributed.barrier()  # no rank leaves (and no reader looks) before the files hold them
-    return thresholds
-
-
-def store_thresholds(run_dir: Path, best: dict) -> None:
-    """Rewrite best.pt (and last.pt when it is the same save) with best["abstain_thresholds"]; add them to
-    best.safetensors' metadata. As calibration.store_temperature: last.prev.pt is left alone."""
-    checkpoints = run_dir / "checkpoints"
-    ckpt.save_checkpoint(best, checkpoints / "best.pt", keep_previous=False)
-    if (checkpoints / "last.pt").is_file():
-        last = ckpt.read_checkpoint(checkpoints / "last.pt")
-        if all(last.get(k) == best.get(k) for k in ("epoch", "batches_in_epoch", "step")):
-            fitted = {"abstain_thresholds": best["abstain_thresholds"]}
-            ckpt.save_checkpoint({**last, **fitted}, checkpoints / "last.pt", keep_previous=False)
-    weights = run_dir / "best.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), "pt") as f:
-            metadata = f.metadata() or {}
-        fitted = {"abstain_thresholds": best["abstain_thresholds"]}
-        ckpt.save_safetensors(load_file(weights), weights, {**metadata, **fitted})
 
 
 # --- the figure ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -12,7 +13,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from helpers import REPO_ROOT, run_script  # noqa: E402
+from helpers import (  # noqa: E402
+    NO_DATA_REPORTS,
+    REPO_ROOT,
+    SCORED_RUN_FLAGS,
+    SCORED_RUN_TARGETS,
+    TINY_RUN,
+    run_script,
+)
 
 from classifier import fashion_mnist  # noqa: E402
 
@@ -54,3 +62,32 @@ def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def fmnist_small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fashion-MNIST ImageFolder with 12 train and 4 test images per class (train/, test/)."""
     return _prepared(tmp_path_factory, per_class=12, test_per_class=4)
+
+
+@pytest.fixture(scope="session")
+def scored_run(fmnist_small_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small trained run whose best weights come in every form a consumer reads: best.pt (with its
+    temperature and its abstain thresholds for SCORED_RUN_TARGETS), best.safetensors, and export.py's
+    folder (model.onnx, labels_mapping.json). Shared by test_predict.py and test_selective.py; trained
+    in this process (seconds)."""
+    import export
+    import train
+    from classifier import calibration, plots
+    from classifier.cli import parse_cli
+
+    base = tmp_path_factory.mktemp("scored-run")
+    args = [*TINY_RUN, *NO_DATA_REPORTS, *SCORED_RUN_FLAGS, "--data.root", str(fmnist_small_root)]
+    with pytest.MonkeyPatch.context() as patch:
+        # The per-epoch confusion matrix and curves are not under test here and cost seconds.
+        patch.setattr(plots, "save_epoch_pictures", lambda *args, **kwargs: None)
+        with_targets = functools.partial(calibration.calibrate_best, targets=SCORED_RUN_TARGETS)
+        patch.setattr(calibration, "calibrate_best", with_targets)
+        run_dir = Path(train.main(parse_cli([*args, "--out-dir", str(base), "--name", "run"]))["run_dir"])
+    best = run_dir / "checkpoints" / "best.pt"
+    export_dir = export.main(export.ExportArgs(best, out=base / "export", batch_size=8))
+    return {
+        "checkpoint": best,
+        "safetensors": run_dir / "best.safetensors",
+        "onnx": export_dir / "model.onnx",
+        "export_dir": export_dir,
+    }

@@ -11,14 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import NO_DATA_REPORTS, REPO_ROOT, TINY_RUN, run_script
+from helpers import REPO_ROOT, run_script
 
 import evaluate
-import export
 import predict
-import train
-from classifier import plots
-from classifier.cli import parse_cli
 
 KINDS = ("checkpoint", "safetensors", "onnx")
 # evaluate.py and predict.py both write probabilities with 6 decimals: the same number read back from
@@ -27,31 +23,9 @@ CSV_ROUNDING = 2e-6
 
 
 @pytest.fixture(scope="module")
-def model_files(fmnist_small_root, tmp_path_factory) -> dict[str, Path]:
-    """One tiny run's best weights in the three forms predict.py reads: two training steps of the small
-    ResNet (seconds), then export.py on best.pt."""
-    base = tmp_path_factory.mktemp("predict-run")
-    flags = ["--data.batch-size", "8", "--data.max-train-batches", "2", "--ema-half-life-epochs", "0.1"]
-    args = [
-        *TINY_RUN,
-        *NO_DATA_REPORTS,
-        *flags,
-        "--data.root",
-        str(fmnist_small_root),
-        "--out-dir",
-        str(base),
-    ]
-    # The per-epoch confusion matrix and curves are not under test here and cost seconds.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plots, "save_epoch_pictures", lambda *args, **kwargs: None)
-        run_dir = Path(train.main(parse_cli([*args, "--name", "run"]))["run_dir"])
-    best = run_dir / "checkpoints" / "best.pt"
-    export_dir = export.main(export.ExportArgs(best, out=base / "export", batch_size=8))
-    return {
-        "checkpoint": best,
-        "safetensors": run_dir / "best.safetensors",
-        "onnx": export_dir / "model.onnx",
-    }
+def model_files(scored_run) -> dict[str, Path]:
+    """One small run's best weights in the three forms predict.py reads (conftest.py trains it)."""
+    return {kind: scored_run[kind] for kind in KINDS}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ export's sidecar, and make predict.py --target-accuracy abstain on exactly the i
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import random
 from pathlib import Path
@@ -14,16 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import NO_DATA_REPORTS, TINY_RUN
+from helpers import SCORED_RUN_TARGETS
 from PIL import Image
 
 import evaluate
-import export
 import predict
-import train
 from classifier import checkpoint as ckpt
-from classifier import plots, selective
-from classifier.cli import parse_cli
+from classifier import selective
 from classifier.onnx_export import read_onnx_metadata
 
 
@@ -153,43 +149,21 @@ def test_stored_thresholds_apply_only_to_confidences_at_their_temperature():
 
 # --- a real run ----------------------------------------------------------------------------------------
 
-# Fifteen steps of the small ResNet at a high LR with half the images held out for val: about 20% top-1
-# on 60 val images, enough for low targets to have thresholds that keep part of the split. 0.999 needs
-# 1000 kept images, so it is never reachable here.
-TARGETS = (0.2, 0.4, 0.6, 0.999)
-RUN_FLAGS = ["--data.val-fraction", "0.5", "--data.batch-size", "4", "--optim.lr", "3e-3",
-             "--ema-half-life-epochs", "0.1"]  # fmt: skip
+TARGETS = SCORED_RUN_TARGETS
 
 
 @pytest.fixture(scope="module")
-def run(fmnist_small_root, tmp_path_factory) -> dict:
-    """The run's best.pt with its stored thresholds, evaluate.py's report on val, and the export."""
-    base = tmp_path_factory.mktemp("selective-run")
-    args = [
-        *TINY_RUN,
-        *NO_DATA_REPORTS,
-        *RUN_FLAGS,
-        "--data.root",
-        str(fmnist_small_root),
-        "--out-dir",
-        str(base),
-    ]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(plots, "save_epoch_pictures", lambda *args, **kwargs: None)  # seconds, not under test
-        stores = functools.partial(selective.thresholds_for_best, targets=TARGETS)
-        patch.setattr(selective, "thresholds_for_best", stores)
-        run_dir = Path(train.main(parse_cli([*args, "--name", "run"]))["run_dir"])
-    best = run_dir / "checkpoints" / "best.pt"
-    report = evaluate.main(
-        evaluate.EvalArgs(best, split="val", out=base / "eval-val", errors=0, label_issues=0)
-    )
-    export_dir = export.main(export.ExportArgs(best, out=base / "export", batch_size=8))
+def run(scored_run, tmp_path_factory) -> dict:
+    """The shared run's best.pt with its stored thresholds, evaluate.py's report on val, and the export."""
+    out = tmp_path_factory.mktemp("selective") / "eval-val"
+    best = scored_run["checkpoint"]
+    report = evaluate.main(evaluate.EvalArgs(best, split="val", out=out, errors=0, label_issues=0))
     return {
         "best": best,
         "stored": ckpt.load_checkpoint(best)["abstain_thresholds"],
         "report": report,
-        "eval_dir": base / "eval-val",
-        "export_dir": export_dir,
+        "eval_dir": out,
+        "export_dir": scored_run["export_dir"],
     }
 
 
