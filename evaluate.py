@@ -59,7 +59,8 @@ from classifier.transforms import eval_resize_crop
 @dataclass(frozen=True)
 class EvalData:
     root: Path | None = None
-    """ImageFolder root (with train/ for the class check). Default: the root the model was trained on."""
+    """ImageFolder root (with train/ for the class check). Default: the root the model was trained on, as
+    its checkpoint records it (an exported model.onnx or model.safetensors records none: give it here)."""
     batch_size: int = 64
     """Images per forward pass."""
     num_workers: int = 0
@@ -204,6 +205,11 @@ def write_groups(out: Path, vote: GroupVote, classes: list[str]) -> None:
 def main(args: EvalArgs) -> dict:
     model = load_classifier(args.model, args.device)
     card, classes = model.card, list(model.card.classes)
+    if args.data.root is None and card.data.root is None:
+        raise SystemExit(
+            f"error: {model.source} names no data root (an export ships no path of the training "
+            "machine): give the data to evaluate on with --data.root DIR"
+        )
     root = args.data.root or Path(card.data.root)
     try:
         splits = build_splits(

@@ -41,6 +41,7 @@ from classifier import (
     label_issues,
     losses,
     lr_finder,
+    model_card,
     models,
     optim,
     plots,
@@ -196,6 +197,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         log=log.print,  # the "pretrained: ..." line, from rank 0 only
     )
     models.check_input_size(model, cfg.data.image_size, cfg.model)
+    model_size = model_card.size_text(model, cfg.data.image_size)  # on meta tensors: no RNG, no weights
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema = build_ema(model, cfg.ema_half_life_epochs, steps_per_epoch, cfg.epochs)
@@ -340,7 +342,8 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             dataset=data_fingerprint,
         )
     log.print(
-        f"run {run_dir} | {cfg.model} | {len(splits.train)} train / {len(splits.val)} val images | "
+        f"run {run_dir} | {cfg.model} ({model_size}) | "
+        f"{len(splits.train)} train / {len(splits.val)} val images | "
         f"global batch {global_batch} | {steps_per_epoch} steps/epoch | "
         f"peak lr {peak_lr:.1e} ({lr_source}) | {device} {precision}"
     )

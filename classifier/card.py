@@ -6,7 +6,7 @@ numbers were measured on, the fitted temperature and the abstain thresholds per 
 (selective.py). train.py builds the card once; the same object writes labels_mapping.json and
 best.safetensors' metadata (`to_mapping`), and export.py and evaluate.py read it back (`from_checkpoint`,
 `from_mapping`). How the weights themselves are stored is checkpoint.py's business; what the ONNX graph
-takes and returns is added by export.py.
+takes and returns is added by export.py. schemas/labels_mapping.schema.json describes every key.
 """
 
 from __future__ import annotations
@@ -16,14 +16,21 @@ from dataclasses import dataclass
 
 from classifier.config import TrainConfig
 
+# The version of labels_mapping.json's format (and of the same mapping in safetensors and ONNX metadata).
+# Raised only when a reader of the previous version would misread a file: a key removed, renamed or
+# given another meaning. New keys do not raise it (readers ignore keys they do not know). A file without
+# it is version 1 (written before the key existed, same meaning).
+FORMAT_VERSION = 1
+
 
 @dataclass(frozen=True)
 class DataSplit:
     """Where the validation numbers come from: the run's data root (a folder or a manifest), split by
     `val_fraction` with `seed` and the groups `group_pattern` finds (data.build_splits), so evaluate.py
-    can rebuild the very same val split."""
+    can rebuild the very same val split. `root` is None in what an export ships (no path of the training
+    machine leaves it): a reader then needs the data root from its user."""
 
-    root: str
+    root: str | None
     val_fraction: float
     seed: int
     group_pattern: str | None = None
@@ -134,10 +141,11 @@ class ModelCard:
         return dataclasses.replace(self, weights=weights, epoch=epoch)
 
     def to_mapping(self) -> dict:
-        """labels_mapping.json's shape: class order both ways, preprocessing, architecture, data split;
-        weights, epoch, temperature and abstain thresholds only once they are known. Plain JSON-able
-        data."""
+        """labels_mapping.json's shape: format version, class order both ways, preprocessing, architecture,
+        data split; weights, epoch, temperature and abstain thresholds only once they are known. Plain
+        JSON-able data."""
         mapping = {
+            "format_version": FORMAT_VERSION,
             "num_classes": len(self.classes),
             "idx_to_class": {str(i): name for i, name in enumerate(self.classes)},
             "class_to_idx": {name: i for i, name in enumerate(self.classes)},
@@ -157,6 +165,19 @@ class ModelCard:
         if self.abstain_thresholds is not None:
             mapping["abstain_thresholds"] = self.abstain_thresholds
         return mapping
+
+
+def check_format_version(mapping: dict, where: object) -> None:
+    """Refuse a mapping written by a newer format than this code reads (ValueError naming `where`, the file
+    it came from). No format_version: version 1, written before the key existed."""
+    version = mapping.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{where}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: format_version {version} is newer than this code reads ({FORMAT_VERSION}); "
+            "update classifier-training to read it"
+        )
 
 
 def classes_from_mapping(mapping: dict) -> list[str]:

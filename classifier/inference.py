@@ -8,6 +8,7 @@ labelled split, predict.py writes predictions for new images.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,11 +20,12 @@ from torch import nn
 
 from classifier import checkpoint as ckpt
 from classifier import models
-from classifier.card import ModelCard
+from classifier.card import ModelCard, check_format_version
 from classifier.onnx_export import (
     decode_metadata,
     graph_input_transform,
     onnx_session,
+    read_onnx_metadata,
     read_sidecar,
     run_onnx,
 )
@@ -77,9 +79,13 @@ def read_safetensors(path: Path) -> tuple[nn.Module, ModelCard]:
     """(model in eval mode, its card) from a .safetensors whose metadata holds the card, as train.py's
     best.safetensors and export.py's model.safetensors do; a file without one is refused. Their weights
     already have any logit adjustment folded into the head's bias. A card that does not say which
-    weights it holds reads 'unknown'."""
+    weights it holds reads 'unknown'; one written by a newer format version is refused."""
     with safe_open(str(path), "pt") as f:
         meta = decode_metadata(f.metadata() or {})
+    try:
+        check_format_version(meta, f"{path}'s metadata")
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     try:
         card = ModelCard.from_mapping(meta)
     except ValueError as err:
@@ -94,7 +100,17 @@ def read_safetensors(path: Path) -> tuple[nn.Module, ModelCard]:
 def load_onnx(path: Path) -> Classifier:
     """An exported graph, read with nothing but what its sidecar says (labels_mapping.json beside it, or
     the copy in its metadata): the class order, the preprocessing and what the graph takes (float NCHW,
-    or uint8 pixels with the normalization inside), and the temperature."""
+    or uint8 pixels with the normalization inside), and the temperature. A sidecar of a newer format
+    version is refused before anything else is read from it."""
+    beside = path.parent / "labels_mapping.json"
+    described = [(read_onnx_metadata(path), f"{path}'s metadata")]
+    if beside.is_file():
+        described.append((json.loads(beside.read_text()), beside))
+    for mapping, where in described:
+        try:
+            check_format_version(mapping, where)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     sidecar = read_sidecar(path)
     try:
         card = ModelCard.from_mapping(sidecar)

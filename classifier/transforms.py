@@ -42,36 +42,105 @@ def preprocessing_spec(
     resize_mode: str = "crop",
 ) -> dict:
     """Everything a consumer needs to prepare an image exactly as evaluation does. Travels with every
-    checkpoint and export (labels_mapping.json, the ONNX metadata; README, "Export and evaluation"), so
-    nobody has to guess: a resize, crop or normalization unlike training's costs accuracy silently.
-    The geometry keys depend on `resize_mode`; "resize" says the same in words."""
+    checkpoint and export (labels_mapping.json, the ONNX metadata; README, "Export and evaluation";
+    schemas/labels_mapping.schema.json describes every key), so nobody has to guess: a resize, crop or
+    normalization unlike training's costs accuracy silently. The geometry keys depend on `resize_mode`;
+    "resize" says the same in words, and the rest states each rule a port to another language needs:
+    how a file is decoded, what happens to alpha, the resize kernel, how every computed size and offset
+    is rounded, and the normalization as numbers."""
     side = image_size
+    antialias = interpolation != "nearest"  # torchvision ignores antialias for nearest (no kernel to widen)
     if resize_mode == "crop":
         shorter = train_square_side(image_size, resize_size)
         geometry = {
             "resize": f"shorter side to {shorter}, then a centered {side}x{side} crop",
             "resize_shorter_side": shorter,
             "center_crop": side,
+            # torchvision's _compute_resized_output_size: int(S * long / short), a floor in float64.
+            "resized_size": (
+                "S = resize_shorter_side; if width <= height: new_width = S, new_height = "
+                "floor(S * height / width), else new_height = S, new_width = floor(S * width / height) "
+                "(float64, the product first)"
+            ),
+            "longer_side_rounding": "floor",
+            # torchvision's center_crop: int(round((size - crop) / 2.0)), Python's round: half to even,
+            # so a difference of 3 starts the crop at 2, one of 5 at 2 too.
+            "crop_offset": (
+                "top = round_half_to_even((new_height - center_crop) / 2), "
+                "left = round_half_to_even((new_width - center_crop) / 2)"
+            ),
+            "crop_offset_rounding": "half_to_even",
         }
+        steps = ["resize", "center_crop"]
     elif resize_mode == "pad":
         geometry = {
             "resize": f"longer side to {side}, aspect kept, centered on a {side}x{side} square of pad_fill",
             "resize_longer_side": side,
             "pad_to_square": side,
             "pad_fill": pad_fill(mean),
+            # to_square below: Python's round on width * (side / longer), in float64.
+            "resized_size": (
+                "scale = pad_to_square / max(height, width); new_height = max(1, "
+                "round_half_to_even(height * scale)), new_width = max(1, round_half_to_even(width * scale)) "
+                "(float64, the quotient first)"
+            ),
+            "longer_side_rounding": "half_to_even",
+            "pad_offset": (
+                "top = floor((pad_to_square - new_height) / 2), "
+                "left = floor((pad_to_square - new_width) / 2): an odd leftover pixel goes below or right"
+            ),
+            "pad_offset_rounding": "floor",
         }
+        steps = ["resize", "pad"]
     elif resize_mode == "stretch":
-        geometry = {"resize": f"to {side}x{side}, aspect ratio not kept", "resize_to_square": side}
+        geometry = {
+            "resize": f"to {side}x{side}, aspect ratio not kept",
+            "resize_to_square": side,
+            "resized_size": "new_height = new_width = resize_to_square, whatever the aspect ratio",
+        }
+        steps = ["resize"]
     else:
         raise ValueError(f"--data.resize-mode {resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
     return {
         "color": "RGB",
+        "channel_order": "RGB",
         "resize_mode": resize_mode,
+        "order": ["decode", "to_rgb", *steps, "to_float", "normalize"],
+        # classifier/images.py: load_image.
+        "decode": {
+            "library": "Pillow (PIL.Image.open)",
+            "exif_orientation": "applied first (PIL.ImageOps.exif_transpose)",
+            "jpeg": "libjpeg-turbo through Pillow with its defaults: fancy (smooth) chroma upsampling",
+            "high_bit_depth_grey": (
+                "16-bit grey (PIL modes I;16*) and 32-bit grey above 255 (mode I) become 8 bits as "
+                "floor(value / 65535 * 255 + 0.5); mode I at most 255 keeps its values"
+            ),
+            "to_rgb": "PIL Image.convert('RGB'): grey copied to R, G and B; palette looked up; CMYK by PIL",
+        },
+        "alpha": "dropped",
         **geometry,
         "interpolation": interpolation,
+        "resize_kernel": {
+            "implementation": (
+                "torchvision.transforms.v2.functional.resize on a uint8 CHW tensor: "
+                "torch.nn.functional.interpolate with align_corners=False"
+            ),
+            "interpolation": interpolation,
+            "antialias": antialias,
+            # torchvision's _do_native_uint8_resize_on_cpu picks the kernel by CPU.
+            "uint8": (
+                "bilinear on x86 CPUs with AVX2 or AVX-512 and on arm64, bicubic on every CPU: torch's "
+                "native uint8 kernel; bilinear elsewhere: float32, rounded half to even, cast to uint8 "
+                "(at most 1 apart per value). Pillow's Image.resize with the same filter: at most 1 apart"
+            ),
+        },
+        "value_range": [0, 255],
+        "pixel_divisor": 255,
+        "formula": "normalized[c] = (pixel[c] / pixel_divisor - mean[c]) / std[c], c in R, G, B order",
         "scale": "divide by 255 to [0, 1], then subtract mean and divide by std",
         "mean": list(mean),
         "std": list(std),
+        "normalize_in_graph": False,
         "layout": "NCHW",
         "dtype": "float32",
     }

@@ -90,7 +90,7 @@ def test_a_mapping_without_a_group_pattern_reads_as_no_groups():
 
 def test_to_mapping_leaves_out_what_is_not_known():
     mapping = run_card().to_mapping()
-    assert list(mapping) == list(MAPPING_KEYS[:2]) + ["class_to_idx", *MAPPING_KEYS[2:]]
+    assert list(mapping) == ["format_version", *MAPPING_KEYS[:2], "class_to_idx", *MAPPING_KEYS[2:]]
     for key in ("weights", "epoch", "temperature", "temperature_fitted", "abstain_thresholds"):
         assert key not in mapping
     chosen = run_card().chosen(weights="ema", epoch=2).to_mapping()
@@ -145,9 +145,10 @@ def test_from_checkpoint_reads_the_config_the_temperature_and_the_thresholds():
     assert ModelCard.from_mapping(json_round_trip(uncalibrated.to_mapping())) == uncalibrated
 
 
-# The 20 keys export.py's labels_mapping.json holds: the card's, less its epoch, and the export's own.
+# The 22 keys export.py's labels_mapping.json holds: the card's, less its epoch, and the export's own.
 # abstain_thresholds is always there, null when none were stored: a consumer never guesses.
 SIDECAR_KEYS = {
+    "format_version",
     *MAPPING_KEYS,
     "class_to_idx",
     "weights",
@@ -155,6 +156,7 @@ SIDECAR_KEYS = {
     "temperature_fitted",
     "temperature_note",
     "abstain_thresholds",
+    "logit_adjustment_folded",
     "classes_sha256",
     "source_checkpoint",
     "baked_preprocessing",
@@ -173,12 +175,16 @@ def test_export_sidecar_is_the_card_plus_the_exports_facts(temperature, threshol
     card = ModelCard.for_run(CONFIG, CLASSES, PREPROCESSING).chosen(weights="ema", epoch=4)
     card = dataclasses.replace(card, temperature=temperature, abstain_thresholds=thresholds)
     sidecar = export.build_sidecar(export.Source(card, Path("/runs/r/best.safetensors")), "uint8-nhwc")
-    assert set(sidecar) == SIDECAR_KEYS and len(SIDECAR_KEYS) == 20
+    assert set(sidecar) == SIDECAR_KEYS and len(SIDECAR_KEYS) == 22
     assert sidecar["abstain_thresholds"] == thresholds
-    assert sidecar["source_checkpoint"] == "/runs/r/best.safetensors" and sidecar["weights"] == "ema"
+    assert sidecar["source_checkpoint"] == "best.safetensors" and sidecar["weights"] == "ema"
     assert sidecar["temperature"] == (1.0 if temperature is None else temperature)
     assert sidecar["temperature_fitted"] is (temperature is not None)
     assert sidecar["preprocessing"]["layout"] == "NHWC" and card.preprocessing["layout"] == "NCHW"
-    # An export's sidecar is itself a card: the same one, less the epoch and with the baked layout.
+    # An export's sidecar is itself a card: the same one, less the epoch and the data root (no path of the
+    # training machine ships), with the baked layout.
     again = ModelCard.from_mapping(json_round_trip(sidecar))
-    assert again == dataclasses.replace(card, epoch=None, preprocessing=sidecar["preprocessing"])
+    shipped_data = dataclasses.replace(card.data, root=None)
+    assert again == dataclasses.replace(
+        card, epoch=None, preprocessing=sidecar["preprocessing"], data=shipped_data
+    )

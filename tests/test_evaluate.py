@@ -94,13 +94,17 @@ def test_val_is_the_split_training_validated_on(run_and_onnx, checkpoint_report)
 
 
 def test_onnx_gives_the_checkpoints_numbers(run_and_onnx, checkpoint_report, tmp_path, capsys):
-    _, onnx_path = run_and_onnx
+    run_dir, onnx_path = run_and_onnx
     # The export folder, linked elsewhere: the report then lands beside the link (the default --out).
     folder = tmp_path / "deploy"
     folder.mkdir()
     for name in ("model.onnx", "labels_mapping.json"):
         (folder / name).symlink_to(onnx_path.parent / name)
-    onnx_report = evaluate.main(evaluate.EvalArgs(folder / "model.onnx", split="val"))
+    # An export ships no data root: the run's, as its own labels_mapping.json records it.
+    root = Path(json.loads((run_dir / "labels_mapping.json").read_text())["data"]["root"])
+    onnx_report = evaluate.main(
+        evaluate.EvalArgs(folder / "model.onnx", split="val", data=evaluate.EvalData(root=root))
+    )
     assert onnx_report["backend"] == "onnxruntime" and "onnxruntime" in capsys.readouterr().out
     assert (folder / "model-eval-val" / "metrics.json").is_file()
 

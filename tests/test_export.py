@@ -172,7 +172,13 @@ def test_dynamic_batch(exported):
 
 def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnist_run, fmnist_best, exported):
     out, _ = exported
-    assert sorted(p.name for p in out.iterdir()) == ["labels_mapping.json", "model.onnx", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "MODEL_CARD.md",
+        "labels_mapping.json",
+        "model.onnx",
+        "model.safetensors",
+        "model_card.json",
+    ]
     state, _ = fmnist_best
     sidecar = json.loads((out / "labels_mapping.json").read_text())
 
@@ -180,7 +186,7 @@ def test_one_file_with_the_validated_weights_and_the_same_facts_everywhere(fmnis
     assert sidecar["classes_sha256"] == onnx_export.classes_sha256(state["classes"])
     assert sidecar["preprocessing"] == state["preprocessing"]
     assert sidecar["weights"] == "ema" and sidecar["data"]["seed"] == 0
-    assert sidecar["source_checkpoint"] == str((fmnist_run / "checkpoints" / "best.pt").resolve())
+    assert sidecar["source_checkpoint"] == "best.pt"  # the file name: no path of this machine ships
     assert sidecar["input"] == {
         "name": "images",
         "dtype": "float32",
@@ -379,7 +385,7 @@ def test_run_directory_exports_the_checkpoint_it_read(fallback_run, fmnist_best,
     assert f"falling back to the previous checkpoint {previous}" in printed.err
     assert printed.out.count("(100.0%) | ok") == 2
     sidecar = json.loads((out / "labels_mapping.json").read_text())
-    assert sidecar["source_checkpoint"] == str(previous.resolve())
+    assert sidecar["source_checkpoint"] == "last.prev.pt"
     assert sidecar["weights"] == "raw" and sidecar["temperature_fitted"] is False
 
     state, ema_model = fmnist_best
