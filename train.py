@@ -197,7 +197,9 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         log=log.print,  # the "pretrained: ..." line, from rank 0 only
     )
     models.check_input_size(model, cfg.data.image_size, cfg.model)
-    model_size = model_card.size_text(model, cfg.data.image_size)  # on meta tensors: no RNG, no weights
+    # Parameters and FLOPs for the run line: one forward on meta tensors (no arithmetic, no RNG, the
+    # weights untouched), which forward hooks on the model do see.
+    model_size = model_card.size_text(model, cfg.data.image_size)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     ema = build_ema(model, cfg.ema_half_life_epochs, steps_per_epoch, cfg.epochs)

@@ -247,9 +247,14 @@ def test_training_with_mixup_and_cutmix_trains_on_the_mixed_batches(fmnist_small
 
     def build_model(*args, **kwargs):
         model = real_build_model(*args, **kwargs)
-        # Training forwards only: the input-size probe and validation run in eval mode.
+        # Training forwards only: the input-size probe and validation run in eval mode, and the start-up
+        # FLOP count (model_card.count_flops) runs on meta tensors.
         model.register_forward_pre_hook(
-            lambda module, inputs: model_inputs.append(inputs[0]) if module.training else None
+            lambda module, inputs: (
+                model_inputs.append(inputs[0])
+                if module.training and inputs[0].device.type != "meta"
+                else None
+            )
         )
         return model
 

@@ -50,6 +50,12 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
+# On 150 gate images the default --min-agreement 0.99 allows a single disagreement, and which images sit
+# on a class boundary of this half-trained model depends on float rounding (the thread count changes it:
+# 150/150 with 2 threads, 148/150 with 1). 0.97 allows four; the bad calibration below agrees on far less.
+MIN_AGREEMENT = 0.97
+
+
 @pytest.fixture(scope="module")
 def int8_export(fmnist_root, tmp_path_factory) -> tuple[Path, Path, str]:
     """(run directory, export folder, export's stdout): one trained run, exported with --quantize int8."""
@@ -63,7 +69,11 @@ def int8_export(fmnist_root, tmp_path_factory) -> tuple[Path, Path, str]:
     with contextlib.redirect_stdout(stdout):
         out = export.main(
             export.ExportArgs(
-                run_dir / "checkpoints" / "best.pt", out=base / "export", quantize="int8", latency_repeats=0
+                run_dir / "checkpoints" / "best.pt",
+                out=base / "export",
+                quantize="int8",
+                min_agreement=MIN_AGREEMENT,
+                latency_repeats=0,
             )
         )
     print(stdout.getvalue())  # shown by pytest when a test fails
@@ -112,10 +122,10 @@ def test_int8_passes_its_gate_and_the_sidecar_holds_the_measured_numbers(int8_ex
         "top1_agreement": float((fp32 == int8).mean()),
         "top1_fp32": float((fp32 == labels).mean()),
         "top1_int8": float((int8 == labels).mean()),
-        "min_agreement": 0.99,
+        "min_agreement": MIN_AGREEMENT,
         "max_accuracy_drop": 0.01,
     }
-    assert gate["top1_agreement"] >= 0.99 and gate["top1_fp32"] - gate["top1_int8"] <= 0.01
+    assert gate["top1_agreement"] >= MIN_AGREEMENT and gate["top1_fp32"] - gate["top1_int8"] <= 0.01
     # The sidecar with its int8 block is one the published schema accepts.
     assert schema_errors(sidecar) == []
     # The model is trained (chance is 0.1), and fp32 ONNX scores what training measured on the same split.
