@@ -34,8 +34,12 @@ demo-steps: venv data
 
 # The lint runs first: a line over 110 characters or an unformatted file fails `make test`, so CI.
 # pytest's exit code 5 (no tests collected) fails this target like any other non-zero exit.
+# One pytest worker per core (pytest-xdist), each test file whole on one worker (its module fixtures
+# built once), one PyTorch thread per worker: on 2 cores this about halves the suite's time (README,
+# "Tests"), as two single-threaded processes keep both cores busy through the imports, subprocess
+# starts and small-batch steps where one two-threaded process leaves one idle.
 test: lint
-	$(PY) -m pytest -q --durations=25
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=25
 
 # ruff check: errors, imports, line length (110, pyproject.toml); ruff format --check: the layout.
 lint: venv
