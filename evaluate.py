@@ -7,8 +7,11 @@
 The split is rebuilt with data.build_splits and the run's seed and val fraction, so `val` is exactly the
 images the run validated on; data whose classes disagree with the model's mapping is refused. Writes
 metrics.json, confusion matrices (PNG and CSV), per_class.csv (worst first), confused_pairs.csv,
-predictions.csv, errors.png (the most confidently wrong images) and reliability.png (calibration before and
-after the temperature the model carries: softmax(logits / T), fitted by train.py on the val split).
+predictions.csv, errors.png (the most confidently wrong images), correct.png (a seeded sample of right ones)
+and reliability.png (calibration before and after the temperature the model carries: softmax(logits / T),
+fitted by train.py on the val split). For a PyTorch model, errors.png and correct.png show beside each crop
+where the model looked for the class it predicted (Grad-CAM, classifier/gradcam.py): at the object, or at
+something beside it. An ONNX graph has no gradients: its errors.png shows the crops alone, no correct.png.
 label_issues.csv ranks every image by how much the model doubts its label, most doubted first, and
 label_issues.png shows the top of that queue (classifier/label_issues.py; on `--split train` the scores
 are in-sample). When the data's groups are known (the run's --data.group-pattern, a manifest's group
@@ -39,12 +42,12 @@ from typing import Literal
 import torch
 import tyro
 
-from classifier import files, label_issues, plots, selective
+from classifier import files, gradcam, label_issues, plots, selective
 from classifier.calibration import NO_TEMPERATURE
 from classifier.data import ImageDataset, build_splits, make_loader
 from classifier.group_report import GroupVote, group_rows, groups_for_eval, judge_groups, summary_lines
 from classifier.images import load_image
-from classifier.inference import load_classifier
+from classifier.inference import Classifier, load_classifier
 from classifier.report import (
     calibration_summary,
     compute_report,
@@ -53,7 +56,9 @@ from classifier.report import (
     worst_first,
 )
 from classifier.sampling import EpochSampler
-from classifier.transforms import eval_resize_crop
+from classifier.transforms import eval_resize_crop, eval_transform
+
+CORRECT_SAMPLE_SEED = 0  # the same correct crops in correct.png on every evaluation of a split
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class EvalArgs:
     """PyTorch checkpoints only: 'auto' (CUDA when available), 'cpu', 'cuda'. ONNX runs on the CPU."""
     errors: int = 36
     """How many of the most confidently wrong images errors.png shows."""
+    correct: int = 16
+    """How many correctly classified images (a seeded sample) correct.png shows with their Grad-CAM
+    heatmaps; 0 writes no correct.png."""
     label_issues: int = 36
     """How many of the most doubted labels label_issues.png shows."""
 
@@ -161,26 +169,17 @@ def write_pictures(
     samples: list,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    preprocessing: dict,
+    model: Classifier,
+    *,
     errors: int,
+    correct: int,
 ) -> None:
-    """Both confusion matrices, the `errors` most confidently wrong images as the model saw them, the
-    reliability diagram and the risk-coverage curve."""
+    """Both confusion matrices, the galleries of wrong and right crops (write_galleries), the reliability
+    diagram and the risk-coverage curve."""
     classes = [row["class"] for row in report["per_class"]]
     for normalize, name in ((False, "confusion_matrix.png"), (True, "confusion_matrix_normalized.png")):
         plots.save_figure(plots.confusion_matrix_figure(report["confusion"], classes, normalize), out / name)
-    confidence, predicted = logits.softmax(dim=1).max(dim=1)
-    wrong = confident_errors(logits, labels, errors)
-    crop = eval_resize_crop(preprocessing)  # the pixels the model saw, before normalization
-    plots.save_figure(
-        plots.errors_grid_figure(
-            [crop(load_image(samples[i][0])) for i in wrong],
-            [classes[int(labels[i])] for i in wrong],
-            [classes[int(predicted[i])] for i in wrong],
-            [confidence[i].item() for i in wrong],
-        ),
-        out / "errors.png",
-    )
+    write_galleries(out, samples, logits, labels, classes, model, errors=errors, correct=correct)
     temperature = report["temperature"]
     plots.save_figure(
         plots.reliability_figure(
@@ -196,6 +195,95 @@ def write_pictures(
     plots.save_figure(selective.risk_coverage_figure(curve, report["selective"]), out / "risk_coverage.png")
 
 
+def write_galleries(
+    out: Path,
+    samples: list,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    model: Classifier,
+    *,
+    errors: int,
+    correct: int,
+) -> None:
+    """errors.png: the `errors` most confidently wrong images; correct.png: `correct` right ones, a seeded
+    sample. Each is shown as the model saw it (resized and cropped, before normalization) and, beside it,
+    with the Grad-CAM heatmap of the class it predicted. Only these images go through Grad-CAM. An ONNX
+    graph has no gradients: errors.png then shows the crops alone, no correct.png is written, and a line
+    says so."""
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    wrong = confident_errors(logits, labels, errors)
+    right = correct_sample(predicted, labels, correct)
+    preprocessing = model.card.preprocessing
+    crop, to_model = eval_resize_crop(preprocessing), eval_transform(preprocessing)
+    images = {i: load_image(samples[i][0]) for i in wrong + right}
+    crops = {i: crop(image) for i, image in images.items()}
+
+    def title(i: int) -> str:
+        return (
+            f"true: {plots.shorten(classes[int(labels[i])])}\n"
+            f"pred: {plots.shorten(classes[int(predicted[i])])}\n{confidence[i].item():.0%} confident"
+        )
+
+    shown = wrong + right
+    cams, note = explain(model, [to_model(images[i]) for i in shown], predicted[shown])
+    if cams is None:
+        print(f"Grad-CAM: {note}: errors.png shows the crops alone; no correct.png")
+        plots.save_figure(
+            plots.errors_grid_figure(
+                [crops[i] for i in wrong],
+                [classes[int(labels[i])] for i in wrong],
+                [classes[int(predicted[i])] for i in wrong],
+                [confidence[i].item() for i in wrong],
+            ),
+            out / "errors.png",
+        )
+        return
+    cam_of = dict(zip(shown, cams, strict=True))
+    # (file, images, heading, text when there are none, title colour); --correct 0: no correct.png
+    galleries = [("errors.png", wrong, "Most confident errors", "no misclassified images", "darkred")]
+    if correct > 0:
+        galleries.append(("correct.png", right, "Correct predictions", "no correct predictions", "darkgreen"))
+    for name, chosen, what, empty_text, color in galleries:
+        plots.save_figure(
+            plots.gradcam_gallery_figure(
+                [crops[i] for i in chosen],
+                [cam_of[i] for i in chosen],
+                [title(i) for i in chosen],
+                f"{what} ({len(chosen)}), each beside its Grad-CAM for the prediction",
+                empty_text=empty_text,
+                color=color,
+            ),
+            out / name,
+        )
+    print(f"Grad-CAM: {note}, in {' and '.join(name for name, *_ in galleries)}")
+
+
+def explain(
+    model: Classifier, inputs: list[torch.Tensor], classes: torch.Tensor
+) -> tuple[torch.Tensor | None, str]:
+    """Grad-CAM maps of `inputs` (normalized, as the model takes them) for `classes`, in one batch, and a
+    few words on them (which layer); None and the reason when there can be none: an ONNX graph has no
+    gradients, and a model whose feature maps are all 1x1 has nothing to localise."""
+    if model.backend != "pytorch":
+        return None, f"no heatmaps for {model.backend} (an ONNX graph has no gradients)"
+    if not inputs:
+        return torch.empty(0), "no images to explain"
+    batch = torch.stack(inputs).to(next(model.module.parameters()).device)
+    try:
+        cams, layer = gradcam.grad_cam(model.module, batch, classes)
+    except ValueError as err:  # no feature map Grad-CAM can use: the report goes on without heatmaps
+        return None, f"no heatmaps ({err})"
+    return cams, f"heatmaps of {layer} for the predicted class"
+
+
+def correct_sample(predicted: torch.Tensor, labels: torch.Tensor, limit: int) -> list[int]:
+    """Indices of `limit` correctly classified images, drawn with CORRECT_SAMPLE_SEED, in split order."""
+    right = (predicted == labels).nonzero().flatten()
+    order = torch.randperm(len(right), generator=torch.Generator().manual_seed(CORRECT_SAMPLE_SEED))
+    return sorted(right[order[:limit]].tolist())
+
+
 def write_groups(out: Path, vote: GroupVote, classes: list[str]) -> None:
     """groups.csv: one row per group, wrong groups first (group_report.group_rows)."""
     header, rows = group_rows(vote, classes)
@@ -203,6 +291,8 @@ def write_groups(out: Path, vote: GroupVote, classes: list[str]) -> None:
 
 
 def main(args: EvalArgs) -> dict:
+    if args.correct < 0:
+        raise SystemExit(f"error: --correct {args.correct}: give how many correct images to show (0: none)")
     model = load_classifier(args.model, args.device)
     card, classes = model.card, list(model.card.classes)
     if args.data.root is None and card.data.root is None:
@@ -265,7 +355,16 @@ def main(args: EvalArgs) -> dict:
         vote, report["groups"] = judge_groups(calibrated, labels, samples, groups, train)
         write_groups(out, vote, classes)
     write_tables(out, report, samples, logits, labels)
-    write_pictures(out, report, samples, logits, labels, card.preprocessing, args.errors)
+    write_pictures(
+        out,
+        report,
+        samples,
+        logits,
+        labels,
+        model,
+        errors=args.errors,
+        correct=args.correct,
+    )
     label_issues.write_queue(
         out,
         samples,

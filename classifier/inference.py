@@ -43,6 +43,9 @@ class Classifier:
     card: ModelCard
     source: Path  # the file whose weights are used (for a checkpoint: the one load_checkpoint read)
     backend: str
+    # The PyTorch model behind `predict` (eval mode, on its device), for what needs gradients (Grad-CAM);
+    # None for an ONNX graph.
+    module: nn.Module | None = None
 
 
 def load_classifier(path: Path, device: str) -> Classifier:
@@ -72,6 +75,7 @@ def load_classifier(path: Path, device: str) -> Classifier:
         card=card,
         source=source,
         backend="pytorch",
+        module=model,
     )
 
 

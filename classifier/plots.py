@@ -1,5 +1,6 @@
 """Pictures of a run and of an evaluation: the confusion matrix heatmap, the training curves, one
-augmented training batch, a grid of misclassified images and the reliability diagram, saved as PNG.
+augmented training batch, a grid of misclassified images (with Grad-CAM heatmaps beside them when the
+model has gradients) and the reliability diagram, saved as PNG.
 
 Figures are built as plain `matplotlib.figure.Figure` objects drawn by the Agg renderer, never through
 pyplot: no display is needed, no backend is switched under a notebook user, and no global figure
@@ -13,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -136,6 +138,37 @@ def errors_grid_figure(
         ax.set_title(title, fontsize=8, color="darkred")
     fig.suptitle(f"Most confident errors ({n} shown)", fontsize=12)
     return fig
+
+
+def gradcam_gallery_figure(
+    crops: list[torch.Tensor],
+    cams: list[torch.Tensor],
+    titles: list[str],
+    heading: str,
+    *,
+    empty_text: str,
+    color: str = "black",
+) -> Figure:
+    """Each crop (uint8 CHW, as the model saw it) under its title, and beside it the same crop with its
+    Grad-CAM heatmap (`cams`: one (H, W) map in [0, 1] each, gradcam.grad_cam) laid over it: four pairs
+    a row."""
+    if not crops:
+        fig = Figure(figsize=(5, 1.5), layout="constrained")
+        fig.text(0.5, 0.5, empty_text, ha="center", va="center", fontsize=12)
+        return fig
+    tiles, tile_titles = [], []
+    for crop, cam, title in zip(crops, cams, titles, strict=True):
+        tiles += [crop, heatmap_overlay(crop, cam)]
+        tile_titles += [title, "where it looks\n(Grad-CAM)"]
+    return tiles_figure(tiles, tile_titles, heading, cols=8, tile=1.3, colors=[color] * len(tiles))
+
+
+def heatmap_overlay(crop: torch.Tensor, cam: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """`crop` (uint8 CHW) blended with `cam` ((H, W) in [0, 1]) in the jet colormap: HWC float in [0, 1].
+    Red is where the evidence for the class lies, blue where there is none."""
+    pixels = crop.permute(1, 2, 0).float().numpy() / 255.0
+    heat = matplotlib.colormaps["jet"](cam.numpy())[..., :3]  # RGBA -> RGB
+    return (1 - alpha) * pixels + alpha * heat
 
 
 def reliability_figure(
