@@ -25,9 +25,11 @@ def atomic_write(path: Path, write, keep_previous: Path | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         write(tmp)
+        # mkstemp makes 0600, and some writers (safetensors' save_file) make their own file 0600 too:
+        # give the written file the permissions open() would, so another user or service can read it.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if keep_previous is not None and path.exists():

@@ -162,3 +162,17 @@ def test_make_state_and_restore_round_trip_the_train_state(tmp_path):
         holds_drawn=True,
     )
     assert (without_counts.skipped_nonfinite, without_counts.scaler_skipped) == (0, 0)
+
+
+def test_written_files_get_the_permissions_open_would_give(tmp_path):
+    """Another user or service reads the weights: safetensors' save_file makes its file 0600, and a
+    temporary file from mkstemp is 0600 too; every written file must end with 0666 less the umask."""
+
+    expected = 0o666 & ~files._UMASK
+    if expected == 0o600:
+        pytest.skip("umask 077: 0600 is what open() gives too, so the check could not fail")
+    ckpt.save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors", {})
+    ckpt.save_checkpoint({"step": 1}, tmp_path / "last.pt")
+    files.write_text(tmp_path / "a.json", "{}")
+    for name in ("w.safetensors", "last.pt", "a.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
