@@ -4,15 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data/fashion-mnist
 DEMO_ARGS ?= --preset fashion-mnist --epochs 1 --name demo
+EXTRAS ?= dev
 
 .PHONY: venv data demo demo-steps test lint
 
 venv: $(VENV)/.installed
 
 # Reinstalls only when pyproject.toml changes (the stamp is older); torch alone is a few GB.
+# EXTRAS adds optional extras: `make venv EXTRAS=dev,wandb,mlflow` (CI does, so the tracker tests run).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
 # Idempotent: the script skips a folder it has already prepared.

@@ -48,6 +48,7 @@ from classifier import (
     resume,
     runlog,
     selection,
+    trackers,
     transforms,
     unreadable,
     validation,
@@ -91,6 +92,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             backbone_lr_mult=cfg.optim.backbone_lr_mult, layer_decay=cfg.optim.layer_decay
         )
         video_augment.check_probabilities(**transforms.video_degradations(cfg.data))
+        tracker_names = trackers.parse_names(cfg.log)  # also: are W&B / MLflow installed, if chosen
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if cfg.resume is not None:
@@ -100,7 +102,9 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     distributed.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if dist_info.is_main:
         cli.check_writable(run_dir)
-    log = runlog.RunLog(run_dir) if dist_info.is_main else runlog.NullLog()
+    # Finishes the trackers' runs however train() ends; they open once config.json is written.
+    log = runlog.RunLog(run_dir, tracker_names, cfg.tracking) if dist_info.is_main else runlog.NullLog()
+    on_exit.enter_context(log)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -322,7 +326,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     )
     ema_decay = decay_per_step(cfg.ema_half_life_epochs, steps_per_epoch) if ema is not None else None
     if dist_info.is_main:
-        runlog.record_start(
+        config_record = runlog.record_start(
             run_dir,
             cfg,
             card,
@@ -343,6 +347,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             machine=hardware.describe(),
             dataset=data_fingerprint,
         )
+        log.start(config_record)
     log.print(
         f"run {run_dir} | {cfg.model} ({model_size}) | "
         f"{len(splits.train)} train / {len(splits.val)} val images | "
@@ -353,6 +358,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         images, labels = data.peek_batch(train_loader, 64)
         figure = plots.train_batch_figure(images, labels, classes, cfg.data.mean, cfg.data.std)
         plots.save_figure(figure, run_dir / "plots" / "train_batch.png")
+        log.figure("train/batch", figure, 0)
     if cfg.debug:  # can the model fit one fixed batch? A copy trains; the run is untouched.
         first_batch = EpochSampler(len(train_set), shuffle=False)
         images, labels = next(iter(data.make_loader(train_set, first_batch, drop_last=True, **loader_args)))
@@ -582,11 +588,11 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             channels_last=channels_last,
             log=log,
         )
+    log.artifacts(runlog.final_artifacts(run_dir))
     log.print(
         f"done: {run_dir} | best val {cfg.select_metric} {state.best['value']:.4f} "
         f"at epoch {state.best['epoch']}"
     )
-    log.close()
     return {
         "run_dir": str(run_dir),
         "best": state.best,

@@ -179,6 +179,18 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    wandb_project: str = "classifier-training"
+    """W&B project of --log wandb. Online or offline, entity and API key are W&B's own settings
+    (WANDB_MODE=offline, WANDB_ENTITY, WANDB_API_KEY or `wandb login`)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking store of --log mlflow: a server URL or sqlite:///FILE. Default: MLFLOW_TRACKING_URI,
+    else sqlite:///OUT_DIR/mlflow.db. A resumed run keeps the store it started in."""
+    mlflow_experiment: str = "classifier-training"
+    """MLflow experiment of --log mlflow; created when it does not exist."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelName = "resnet18"
     """torchvision classification model (its head replaced for the dataset's class count), or
@@ -252,7 +264,10 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     """Also write checkpoints/last.pt every N optimizer steps (mid-epoch), besides every epoch."""
     log_every_steps: int = 50
-    """Steps between log lines and TensorBoard points."""
+    """Steps between log lines and tracker points."""
+    log: str = "tensorboard"
+    """Trackers, comma separated: any of tensorboard, wandb, mlflow (`--log tensorboard,wandb`). W&B and
+    MLflow are optional extras: pip install -e '.[wandb]' or '.[mlflow]'. metrics.jsonl is always written."""
     progress: bool = True
     """Show tqdm progress bars (rank 0 only)."""
     nonfinite_loss: Literal["stop", "skip"] = "stop"
@@ -267,6 +282,7 @@ class TrainConfig:
     """Named preset from configs/ used as the base (`--preset fashion-mnist`); flags after it override it."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # --- JSON round trip --------------------------------------------------------------------------------
@@ -310,5 +326,8 @@ def from_dict(raw: dict) -> TrainConfig:
     return build(TrainConfig, raw)
 
 
-def save_json(cfg: TrainConfig, path: Path, **extra) -> None:
-    path.write_text(json.dumps({**to_dict(cfg), **extra}, indent=2) + "\n")
+def save_json(cfg: TrainConfig, path: Path, **extra) -> dict:
+    """Write the config and `extra` to `path` as JSON; returns what was written."""
+    record = {**to_dict(cfg), **extra}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record

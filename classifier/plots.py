@@ -10,6 +10,7 @@ shown is the job of validation.py and report.py.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from classifier.files import atomic_write
 
@@ -306,19 +308,36 @@ def shorten(name: str, limit: int = 22) -> str:
 
 
 def save_epoch_pictures(run_dir: Path, confusion, classes: list[str], log, step: int) -> None:
-    """After each validation: plots/confusion_matrix.png (also to TensorBoard) and plots/curves.png from
-    the run's metrics.jsonl so far."""
+    """After each validation: plots/confusion_matrix.png and plots/curves.png from the run's
+    metrics.jsonl so far, each also to the trackers."""
     figure = confusion_matrix_figure(confusion, classes, normalize=False)
     save_figure(figure, run_dir / "plots" / "confusion_matrix.png")
     log.figure("val/confusion_matrix", figure, step)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    save_figure(curves_figure(history), run_dir / "plots" / "curves.png")
+    figure = curves_figure(history)
+    save_figure(figure, run_dir / "plots" / "curves.png")
+    log.figure("val/curves", figure, step)
 
 
-def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
+# How every figure becomes a PNG. bbox_inches="tight" crops the margins left where a square heatmap does
+# not fill its figure.
+PNG_OPTIONS = {"format": "png", "dpi": 110, "bbox_inches": "tight", "pad_inches": 0.15}
+
+
+def save_figure(fig: Figure, path: Path) -> None:
     """Write `fig` as PNG atomically (a reader never sees half a file). The figure is not registered with
-    pyplot, so there is nothing to close: it can still be logged to TensorBoard afterwards."""
-    # bbox_inches="tight" crops the margins left where a square heatmap does not fill its figure.
-    atomic_write(
-        Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.15)
-    )
+    pyplot, so there is nothing to close: it can still be logged to the trackers afterwards."""
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, **PNG_OPTIONS))
+
+
+def figure_png(fig: Figure) -> bytes:
+    """The PNG file save_figure would write, as bytes (report.html embeds them)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, **PNG_OPTIONS)
+    return buffer.getvalue()
+
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """The PNG save_figure would write, as an RGB uint8 array (height, width, 3), for the trackers."""
+    with Image.open(io.BytesIO(figure_png(fig))) as image:
+        return np.asarray(image.convert("RGB"))

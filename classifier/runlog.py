@@ -1,5 +1,6 @@
 """What a run records: config.json and labels_mapping.json at the start, the class table, the step and
-epoch lines on stdout, metrics.jsonl (one record per epoch) and TensorBoard scalars.
+epoch lines on stdout, metrics.jsonl (one record per epoch), and scalars and figures for the trackers
+chosen with --log (TensorBoard, W&B, MLflow: classifier/trackers.py).
 
 Only rank 0 writes. Other ranks get a NullLog whose methods do nothing, so the loop never branches on
 "am I the logging rank" (the no-op logger idea from nanochat). Where the run directory is and when it
@@ -14,38 +15,76 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
+from classifier import plots, trackers
 from classifier.card import ModelCard
 from classifier.checkpoint import TrainState
-from classifier.config import TrainConfig, save_json
+from classifier.config import TrackingConfig, TrainConfig, save_json
 from classifier.files import write_text
 
 
 class RunLog:
-    def __init__(self, run_dir: Path):
+    """The run's one logging object: stdout, metrics.jsonl and the trackers chosen with --log
+    (classifier/trackers.py), which open in `start` once config.json is written. As a context manager it
+    finishes the trackers however the run ends, marking their runs finished, killed or failed."""
+
+    def __init__(self, run_dir: Path, tracker_names: list[str], tracking: TrackingConfig):
         self.run_dir = run_dir
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.tracker_names = tracker_names
+        self.tracking = tracking
+        self.trackers = []
+
+    def start(self, config: dict) -> None:
+        self.trackers = trackers.open_trackers(self.tracker_names, self.run_dir, config, self.tracking)
+        for tracker in self.trackers:
+            self.print(tracker.where)
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
-        """Numbers only; NaN and inf are written too (TensorBoard shows them), so a diverging loss is seen."""
-        for name, value in values.items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{prefix}{name}", value, step)
+        """Numbers only; NaN and inf are logged too (the trackers show them), so a diverging loss is seen."""
+        numbers = {f"{prefix}{name}": v for name, v in values.items() if isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.scalars(step, numbers)
 
     def figure(self, tag: str, figure, step: int) -> None:
-        self.writer.add_figure(tag, figure, step)
+        """The figure drawn once, its pixels to every tracker."""
+        if self.trackers:
+            pixels = plots.figure_pixels(figure)
+            for tracker in self.trackers:
+                tracker.image(tag, pixels, step)
 
     def epoch(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.writer.flush()
+        for tracker in self.trackers:
+            tracker.flush()
+
+    def artifacts(self, paths: dict[str, Path]) -> None:
+        """The final files' paths, to every tracker."""
+        for tracker in self.trackers:
+            tracker.artifacts(paths)
 
     def print(self, *args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
-    def close(self) -> None:
-        self.writer.close()
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        """Finish every tracker's run with how train() ended; the error, if any, goes on."""
+        for tracker in self.trackers:
+            tracker.finish(end_status(error))
+
+
+def end_status(error: BaseException | None) -> str:
+    """FINISHED when train() returned; KILLED on a stop request (faults.py's SystemExit with the signal's
+    exit status) or Ctrl-C; FAILED on any other error, a SystemExit with an error message included."""
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, KeyboardInterrupt):
+        return "KILLED"
+    if isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
+        return "FINISHED" if not error.code else "KILLED"
+    return "FAILED"
 
 
 class NullLog(RunLog):
@@ -55,6 +94,9 @@ class NullLog(RunLog):
     def __init__(self) -> None:
         pass
 
+    def start(self, config: dict) -> None:
+        pass
+
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         pass
 
@@ -64,10 +106,13 @@ class NullLog(RunLog):
     def epoch(self, record: dict) -> None:
         pass
 
+    def artifacts(self, paths: dict[str, Path]) -> None:
+        pass
+
     def print(self, *args, **kwargs) -> None:
         pass
 
-    def close(self) -> None:
+    def __exit__(self, error_type, error, traceback) -> None:
         pass
 
 
@@ -95,11 +140,13 @@ def environment() -> dict:
     return {"versions": versions, "git_commit": commit, "git_dirty": dirty}
 
 
-def record_start(run_dir: Path, cfg: TrainConfig, card: ModelCard, **facts) -> None:
+def record_start(run_dir: Path, cfg: TrainConfig, card: ModelCard, **facts) -> dict:
     """config.json (the config, then `facts`: derived numbers, resolved 'auto' choices, machine, data
-    fingerprint, package versions and git commit) and labels_mapping.json (the card so far)."""
-    save_json(cfg, run_dir / "config.json", **facts, **environment())
+    fingerprint, package versions and git commit) and labels_mapping.json (the card so far). Returns
+    config.json's content, which the trackers get as their run's config."""
+    config = save_json(cfg, run_dir / "config.json", **facts, **environment())
     write_text(run_dir / "labels_mapping.json", json.dumps(card.to_mapping(), indent=2) + "\n")
+    return config
 
 
 def step_line(state: TrainState, total_steps: int, loss: float, lr: float, images_per_s: float) -> str:
@@ -198,3 +245,22 @@ def class_table(classes: list[str], counts: dict[str, torch.Tensor]) -> str:
     ratio = train.max().item() / max(1, train[train > 0].min().item()) if int(train.sum()) else float("nan")
     lines.append(f"{len(classes)} classes, imbalance ratio (train, largest/smallest) {ratio:.1f}")
     return "\n".join(lines)
+
+
+# The files a finished run's trackers point to (relative to the run directory), those that exist.
+FINAL_FILES = {
+    "best_checkpoint": "checkpoints/best.pt",
+    "best_weights": "best.safetensors",
+    "last_checkpoint": "checkpoints/last.pt",
+    "labels_mapping": "labels_mapping.json",
+    "config": "config.json",
+    "metrics": "metrics.jsonl",
+    "report": "report.html",
+    "label_issues": "label_issues/label_issues.csv",
+}
+
+
+def final_artifacts(run_dir: Path) -> dict[str, Path]:
+    """FINAL_FILES that this run wrote, as absolute paths (a tracker's page is read on other machines)."""
+    paths = {name: (run_dir / relative).resolve() for name, relative in FINAL_FILES.items()}
+    return {name: path for name, path in paths.items() if path.exists()}

@@ -71,11 +71,15 @@ def test_pixi_pypi_dependencies_match_pyproject_exactly() -> None:
     assert parse_pixi(pixi_deps) == parse_requirements(pyproject["project"]["dependencies"])
 
 
-def test_pixi_dev_feature_matches_pyproject_dev_extra() -> None:
+def test_pixi_features_match_pyproject_extras() -> None:
+    """Every extra (dev, wandb, mlflow) is a pixi feature with the same requirements and an environment."""
     pyproject, pixi = load_toml("pyproject.toml"), load_toml("pixi.toml")
-    dev = parse_requirements(pyproject["project"]["optional-dependencies"]["dev"])
-    assert parse_pixi(pixi["feature"]["dev"]["pypi-dependencies"]) == dev
-    assert any("dev" in env.get("features", []) for env in pixi["environments"].values())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert {"dev", "wandb", "mlflow"} <= set(extras)
+    assert set(pixi["feature"]) == set(extras)
+    for name, requirements in extras.items():
+        assert parse_pixi(pixi["feature"][name]["pypi-dependencies"]) == parse_requirements(requirements), name
+        assert any(name in env.get("features", []) for env in pixi["environments"].values()), name
 
 
 def test_pixi_python_is_allowed_by_requires_python() -> None:

@@ -599,13 +599,14 @@ def test_tensorboard_keeps_nan_and_inf_scalars(tmp_path):
     """A diverging loss must show in TensorBoard as it does in the log and metrics.jsonl, not vanish."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from classifier.config import TrackingConfig
     from classifier.runlog import RunLog
 
-    log = RunLog(tmp_path)
-    log.scalars(
-        1, {"loss": 2.5, "nan": float("nan"), "inf": float("inf"), "not_a_number": "text"}, prefix="train/"
-    )
-    log.close()
+    with RunLog(tmp_path, ["tensorboard"], TrackingConfig()) as log:
+        log.start({})
+        log.scalars(
+            1, {"loss": 2.5, "nan": float("nan"), "inf": float("inf"), "not_a_number": "text"}, prefix="train/"
+        )
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert sorted(events.Tags()["scalars"]) == ["train/inf", "train/loss", "train/nan"]
     value = lambda tag: events.Scalars(tag)[0].value  # noqa: E731
