@@ -20,7 +20,9 @@ of its images' mean calibrated probability: metrics.json's "groups" and groups.c
 Selective prediction (classifier/selective.py): risk_coverage.png (accuracy of the images kept against the
 share kept as the calibrated-confidence threshold rises) and metrics.json's "selective": this split's
 threshold per target accuracy (0.95, 0.99, 0.995) with its coverage, accuracy and kept count, and what the
-thresholds the model carries from its val split keep here.
+thresholds the model carries from its val split keep here. report.html puts the headline numbers, the
+per-class table (worst first), the most confused pairs and these pictures on one self-contained page: the
+PNGs embedded, no script, nothing fetched (classifier/html_report.py).
 
 predictions.csv has both confidences of the predicted class: `confidence` is softmax(logits), as the
 model's logits give it (what errors.png shows), and `confidence_calibrated` is softmax(logits / T) with
@@ -42,7 +44,7 @@ from typing import Literal
 import torch
 import tyro
 
-from classifier import files, gradcam, label_issues, plots, selective
+from classifier import files, gradcam, html_report, label_issues, plots, selective
 from classifier.calibration import NO_TEMPERATURE
 from classifier.data import ImageDataset, build_splits, make_loader
 from classifier.group_report import GroupVote, group_rows, groups_for_eval, judge_groups, summary_lines
@@ -365,6 +367,7 @@ def main(args: EvalArgs) -> dict:
         errors=args.errors,
         correct=args.correct,
     )
+    html_report.write_eval_report(out, report)  # after the pictures it embeds
     label_issues.write_queue(
         out,
         samples,

@@ -37,6 +37,7 @@ from classifier import (
     finetune,
     groups,
     hardware,
+    html_report,
     imbalance,
     label_issues,
     losses,
@@ -571,6 +572,8 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     # accuracy on the calibrated probabilities: both into best.pt and best.safetensors, so they travel to
     # the exports and predict.py --target-accuracy.
     calibration.calibrate_best(run_dir, val_loader, device=device, channels_last=channels_last, log=log)
+    if dist_info.is_main:  # report.html: the best epoch's validation on one page
+        html_report.write_run_report(run_dir)
     # The label-issue queue: the training images as validation sees them (no augmentation), in file order.
     if cfg.label_issues and not cfg.debug:
         train_as_val = data.ImageDataset(splits.train, transforms.eval_transform(preprocessing))

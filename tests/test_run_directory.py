@@ -280,3 +280,12 @@ def test_balanced_accuracy_picks_the_weights_and_the_best_epoch(run):
     # The two metrics differ on this val split, so a run that picked by top-1 would record other values.
     assert any(r["val"]["top1"] != r["val"]["balanced_accuracy"] for r in records)
     assert f"best val balanced_accuracy {max(values):.4f} at epoch {best['epoch']}" in run["out"]
+
+
+def test_the_run_writes_report_html_for_its_best_epoch(run):
+    """train.py ends with report.html (classifier/html_report.py, tested in test_html_report.py): the page
+    names the best epoch and holds its balanced accuracy, the metric this run selects by."""
+    best = load_checkpoint(run["dir"] / "checkpoints" / "best.pt")["best"]
+    page = (run["dir"] / "report.html").read_text()
+    assert f"best epoch {best['epoch']}</h1>" in page
+    assert f'data-metric="balanced_accuracy" data-value="{json.dumps(best["value"])}"' in page
