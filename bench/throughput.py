@@ -8,7 +8,7 @@ Three ways to feed the same model step (forward, backward, AdamW step) at the sa
   bare     batches already on the device as float tensors: the limit, no data work at all
   regular  classifier.data, .transforms: PNG decode + v2 transforms per image in DataLoader workers
   fast     classifier.fastdata, .batch_augment: decoded once into uint8 tensors, augmented a batch at a time
-The three take turns within every repeat, so a burst of load from other processes hits all of them;
+The paths take turns within every repeat, so a burst of load from other processes hits all of them;
 the table shows the median images/s and the median of each repeat's ratio to the bare loop.
 """
 
@@ -51,8 +51,9 @@ class BenchArgs:
     """Images per step."""
     image_size: int = 32
     """Side of the training crop."""
-    workers: int = min(4, os.cpu_count() or 1)
-    """DataLoader workers of the regular path."""
+    workers: tuple[int, ...] = (min(4, os.cpu_count() or 1),)
+    """DataLoader workers of the regular path; several (`--workers 2 1`) give one regular row each, all
+    taking turns with the other paths."""
     repeats: int = 3
     """Rounds of (bare, regular, fast); the table shows medians over rounds."""
     batches: int = 20
@@ -136,7 +137,6 @@ def main(args: BenchArgs) -> dict[str, float]:
         f"| channels_last {args.channels_last} | compile {args.compile}"
     )
 
-    regular_sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
     regular_set = ImageDataset(
         samples,
         train_transform(
@@ -150,14 +150,18 @@ def main(args: BenchArgs) -> dict[str, float]:
             interpolation=d.interpolation,
         ),
     )
-    regular_loader = make_loader(
-        regular_set,
-        regular_sampler,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-    )
+    regular = {}  # worker count -> (loader, sampler)
+    for workers in args.workers:
+        sampler = EpochSampler(len(samples), shuffle=True, seed=args.seed)
+        loader = make_loader(
+            regular_set,
+            sampler,
+            batch_size=args.batch_size,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+        )
+        regular[workers] = (loader, sampler)
 
     start = time.perf_counter()
     images, labels = decode_split(samples, spec["resize_shorter_side"], d.interpolation)
@@ -225,14 +229,17 @@ def main(args: BenchArgs) -> dict[str, float]:
     )
 
     # --- interleaved timing -----------------------------------------------------------------------------
-    paths = {
-        "bare": lambda r: itertools.cycle(ready),
-        "regular": lambda r: endless(regular_loader, regular_sampler, first_epoch=r * 1000),
-        "fast": lambda r: endless(fast_loader, fast_sampler, first_epoch=r * 1000),
-    }
+    paths = {"bare": lambda r: itertools.cycle(ready)}
+    labels_of = {"bare": "bare loop (tensors on the device)"}
+    for workers, (loader, sampler) in regular.items():
+        name = f"regular-{workers}"
+        paths[name] = lambda r, loader=loader, sampler=sampler: endless(loader, sampler, first_epoch=r * 1000)
+        labels_of[name] = f"regular path ({workers} worker{'s' if workers != 1 else ''})"
+    paths["fast"] = lambda r: endless(fast_loader, fast_sampler, first_epoch=r * 1000)
+    labels_of["fast"] = "fast path (uint8 cache, batch augment)"
     rates: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(args.repeats):
-        names = list(paths)[r % 3 :] + list(paths)[: r % 3]  # rotate the order: no path always runs first
+        names = list(paths)[r % len(paths) :] + list(paths)[: r % len(paths)]  # no path always runs first
         for name in names:
             # A fresh iterator per round: the regular path starts with an empty prefetch queue instead
             # of one its workers filled while the other paths ran.
@@ -245,11 +252,6 @@ def main(args: BenchArgs) -> dict[str, float]:
             + " | ".join(f"{name} {rates[name][-1]:.0f} img/s" for name in paths)
         )
 
-    labels_of = {
-        "bare": "bare loop (tensors on the device)",
-        "regular": f"regular path ({args.workers} workers)",
-        "fast": "fast path (uint8 cache, batch augment)",
-    }
     print("\n| path | images/s | ratio to bare |\n|---|---:|---:|")
     result = {}
     for name in paths:
