@@ -143,8 +143,8 @@ class WandB:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
-# MLflow refuses metric names with other characters (a class name in a tag may have them).
-MLFLOW_NAME_OK = re.compile(r"[^0-9A-Za-z_\-. :/]")
+# A character MLflow refuses in a metric name (a class name in a tag may have one); each becomes _.
+MLFLOW_REFUSED = re.compile(r"[^0-9A-Za-z_\-. :/]")
 MLFLOW_PARAMS_PER_CALL = 100  # log_batch's limit
 PARAM_SECTIONS = ("derived", "resolved", "machine")  # config.json's facts that become MLflow params
 
@@ -157,49 +157,51 @@ class MLflow:
 
     def __init__(self, run_dir: Path, config: dict, settings: TrackingConfig, previous: dict | None):
         import_extra("mlflow")
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        if previous:
-            uri = previous["tracking_uri"]  # where the run was started, whatever the flags say now
-        else:
-            uri = settings.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(run_dir)
-        self.client = MlflowClient(tracking_uri=uri)
-        if previous:
+        if previous:  # the run a resume continues, in the store it started in, whatever the flags say now
+            uri = previous["tracking_uri"]
+            self.client = MlflowClient(tracking_uri=uri)
             self.run_id = previous["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            experiment = self.client.get_experiment_by_name(settings.mlflow_experiment)
-            if experiment is not None:
-                experiment_id = experiment.experiment_id
-            else:
-                artifacts = None
-                if uri == default_uri(run_dir):
-                    artifacts = (run_dir.parent / "mlflow-artifacts").resolve().as_uri()
-                experiment_id = self.client.create_experiment(
-                    settings.mlflow_experiment, artifact_location=artifacts
-                )
-            run = self.client.create_run(experiment_id, run_name=run_dir.name)
-            self.run_id = run.info.run_id
-            params = [Param(name, value) for name, value in flat_params(config).items()]
-            for start in range(0, len(params), MLFLOW_PARAMS_PER_CALL):
-                self.client.log_batch(self.run_id, params=params[start : start + MLFLOW_PARAMS_PER_CALL])
-            self.client.log_dict(self.run_id, config, "config.json")
+            uri = settings.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(run_dir)
+            self.client = MlflowClient(tracking_uri=uri)
+            self.run_id = self.new_run(run_dir, config, settings.mlflow_experiment, uri)
         self.ids = {"tracking_uri": uri, "run_id": self.run_id}
         self.where = f"mlflow: run {self.run_id} in {uri} (experiment {settings.mlflow_experiment!r})"
+
+    def new_run(self, run_dir: Path, config: dict, experiment_name: str, uri: str) -> str:
+        """Create the run (and its experiment when there is none), log its params and config.json; its id."""
+        from mlflow.entities import Param
+
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            artifacts = None  # the store's default, except beside our own default store
+            if uri == default_uri(run_dir):
+                artifacts = (run_dir.parent / "mlflow-artifacts").resolve().as_uri()
+            experiment_id = self.client.create_experiment(experiment_name, artifact_location=artifacts)
+        run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        params = [Param(name, value) for name, value in flat_params(config).items()]
+        for start in range(0, len(params), MLFLOW_PARAMS_PER_CALL):
+            self.client.log_batch(run_id, params=params[start : start + MLFLOW_PARAMS_PER_CALL])
+        self.client.log_dict(run_id, config, "config.json")
+        return run_id
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         milliseconds = int(time.time() * 1000)
         metrics = [
-            Metric(MLFLOW_NAME_OK.sub("_", name), float(value), milliseconds, step)
+            Metric(MLFLOW_REFUSED.sub("_", name), float(value), milliseconds, step)
             for name, value in values.items()
         ]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def image(self, tag: str, pixels: np.ndarray, step: int) -> None:
-        self.client.log_image(self.run_id, pixels, key=MLFLOW_NAME_OK.sub("_", tag), step=step)
+        self.client.log_image(self.run_id, pixels, key=MLFLOW_REFUSED.sub("_", tag), step=step)
 
     def flush(self) -> None:
         pass  # every call above is written to the store before it returns

@@ -78,7 +78,8 @@ def test_pixi_features_match_pyproject_extras() -> None:
     assert {"dev", "wandb", "mlflow"} <= set(extras)
     assert set(pixi["feature"]) == set(extras)
     for name, requirements in extras.items():
-        assert parse_pixi(pixi["feature"][name]["pypi-dependencies"]) == parse_requirements(requirements), name
+        in_pixi = parse_pixi(pixi["feature"][name]["pypi-dependencies"])
+        assert in_pixi == parse_requirements(requirements), name
         assert any(name in env.get("features", []) for env in pixi["environments"].values()), name
 
 

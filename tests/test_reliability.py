@@ -604,9 +604,8 @@ def test_tensorboard_keeps_nan_and_inf_scalars(tmp_path):
 
     with RunLog(tmp_path, ["tensorboard"], TrackingConfig()) as log:
         log.start({})
-        log.scalars(
-            1, {"loss": 2.5, "nan": float("nan"), "inf": float("inf"), "not_a_number": "text"}, prefix="train/"
-        )
+        values = {"loss": 2.5, "nan": float("nan"), "inf": float("inf"), "not_a_number": "text"}
+        log.scalars(1, values, prefix="train/")
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert sorted(events.Tags()["scalars"]) == ["train/inf", "train/loss", "train/nan"]
     value = lambda tag: events.Scalars(tag)[0].value  # noqa: E731
