@@ -70,18 +70,24 @@ class RunLog:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
-        """Finish every tracker's run with how train() ended; the error, if any, goes on."""
+        """Finish every tracker's run with how train() ended; the error, if any, goes on.
+
+        Not after a KeyboardInterrupt (a second Ctrl-C, or one outside the signal handler): it can land
+        inside a tracker's own code, such as TensorBoard's queue to its writer thread, and closing that
+        tracker would then wait forever (seen in tests/test_reliability.py). The runs stay unfinished."""
+        if isinstance(error, KeyboardInterrupt):
+            if self.trackers:
+                self.print("stopped at once: the trackers' runs are left unfinished")
+            return
         for tracker in self.trackers:
             tracker.finish(end_status(error))
 
 
 def end_status(error: BaseException | None) -> str:
     """FINISHED when train() returned; KILLED on a stop request (faults.py's SystemExit with the signal's
-    exit status) or Ctrl-C; FAILED on any other error, a SystemExit with an error message included."""
+    exit status); FAILED on any other error, a SystemExit with an error message included."""
     if error is None:
         return "FINISHED"
-    if isinstance(error, KeyboardInterrupt):
-        return "KILLED"
     if isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
         return "FINISHED" if not error.code else "KILLED"
     return "FAILED"

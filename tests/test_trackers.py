@@ -62,7 +62,8 @@ def test_tracker_runs_are_marked_by_how_training_ended(tmp_path):
         with contextlib.suppress(BaseException), log:
             if ending is not None:
                 raise ending
-    assert finished == ["FINISHED", "KILLED", "KILLED", "FAILED", "FAILED"]
+    # A KeyboardInterrupt finishes nothing: it may have landed inside a tracker (RunLog.__exit__).
+    assert finished == ["FINISHED", "KILLED", "FAILED", "FAILED"]
 
 
 def wandb_records(run_folder: Path) -> list:
