@@ -365,11 +365,47 @@ def write_onnx_metadata(path: Path, metadata: dict) -> None:
 
 
 def int8_text(out: Path, gate: quantize.GateResult, split: str) -> str:
-    """For the last line: the int8 file, its size and its agreement with model.onnx."""
+    """For the last line, after done_line: the int8 file, its size and its agreement with model.onnx."""
     size_mb = (out / INT8_NAME).stat().st_size / 2**20
     return (
         f"{INT8_NAME} ({size_mb:.1f} MB), top-1 agreement {gate.top1_agreement:.4f} with model.onnx "
         f"on {gate.images} {split} images"
+    )
+
+
+def int8_data_for(args: ExportArgs, card: ModelCard, data_root: Path | str, synthetic: bool) -> Int8Images:
+    """The images --quantize int8 calibrates on and gates with, from the run's data; refused when no real
+    data is known (verification_images fell back to synthetic images)."""
+    if synthetic:
+        raise SystemExit(
+            "error: --quantize int8 needs real images (training images to calibrate on, labelled val "
+            "images for its gate) and no data is known here (see the NOTE above): give --data-root "
+            "DIR, or export without --quantize; nothing was exported"
+        )
+    return int8_images(
+        Path(data_root),
+        list(card.classes),
+        card.data.val_fraction,
+        card.data.seed,
+        calibration_count=args.calibration_images,
+        gate_count=args.gate_images,
+        group_pattern=card.data.group_pattern,
+    )
+
+
+def done_line(out: Path, sidecar: dict, card: ModelCard) -> str:
+    """What was written and what a consumer must know: the files, the weights, the graph's input and
+    output, the classes, the temperature and the abstain thresholds."""
+    size_mb = (out / "model.onnx").stat().st_size / 2**20
+    graph_input = sidecar["input"]
+    return (
+        f"wrote {out}/model.onnx ({size_mb:.1f} MB), labels_mapping.json, model.safetensors | "
+        f"{sidecar['weights']} weights | "
+        f"{graph_input['name']} {graph_input['dtype']} {graph_input['layout']} {graph_input['shape']} -> "
+        f"{OUTPUT_NAME} {sidecar['output']['shape']} | {len(card.classes)} classes | "
+        f"temperature {sidecar['temperature']:.3f}"
+        + ("" if sidecar["temperature_fitted"] else " (none fitted: uncalibrated)")
+        + f" | {thresholds_text(card.abstain_thresholds)}"
     )
 
 
@@ -408,23 +444,7 @@ def main(args: ExportArgs) -> Path:
     )
     synthetic = note.startswith("NOTE")
     print(note, file=sys.stderr if synthetic else sys.stdout)
-    int8_data = None
-    if args.quantize == "int8":
-        if synthetic:
-            raise SystemExit(
-                "error: --quantize int8 needs real images (training images to calibrate on, labelled val "
-                "images for its gate) and no data is known here (see the NOTE above): give --data-root "
-                "DIR, or export without --quantize; nothing was exported"
-            )
-        int8_data = int8_images(
-            Path(data_root),
-            list(card.classes),
-            card.data.val_fraction,
-            card.data.seed,
-            calibration_count=args.calibration_images,
-            gate_count=args.gate_images,
-            group_pattern=card.data.group_pattern,
-        )
+    int8_data = int8_data_for(args, card, data_root, synthetic) if args.quantize == "int8" else None
     # "int8" is null until a quantized model has passed its gate; then every file carries its block.
     sidecar = {**build_sidecar(source, args.bake_preprocessing), "int8": None}
     module = graph_module(model, args.bake_preprocessing, card.preprocessing)
@@ -490,18 +510,10 @@ def main(args: ExportArgs) -> Path:
     print(model_card.summary_line(figures))
     if synthetic:
         print(note)  # again, beside the success line: easy to miss above the verification table
-    size_mb = (out / "model.onnx").stat().st_size / 2**20
-    graph_input = sidecar["input"]
-    print(
-        f"wrote {out}/model.onnx ({size_mb:.1f} MB), labels_mapping.json, model.safetensors | "
-        f"{sidecar['weights']} weights | "
-        f"{graph_input['name']} {graph_input['dtype']} {graph_input['layout']} {graph_input['shape']} -> "
-        f"{OUTPUT_NAME} {sidecar['output']['shape']} | {len(card.classes)} classes | "
-        f"temperature {sidecar['temperature']:.3f}"
-        + ("" if sidecar["temperature_fitted"] else " (none fitted: uncalibrated)")
-        + f" | {thresholds_text(card.abstain_thresholds)}"
-        + ("" if int8_data is None else f" | {int8_text(out, gate, int8_data.gate_split)}")
-    )
+    line = done_line(out, sidecar, card)
+    if int8_data is not None:
+        line += " | " + int8_text(out, gate, int8_data.gate_split)
+    print(line)
     return out
 
 
