@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from classifier import checkpoint, files, plots
-from classifier.report import most_confused, worst_first
+from classifier.report import most_confused, per_class_from_confusion, worst_first
 
 FILE_HTML = "report.html"
 
@@ -219,29 +219,6 @@ def write_eval_report(out: Path, report: dict) -> Path:
 
 
 # --- train.py's page for the best epoch --------------------------------------------------------------
-
-
-def per_class_from_confusion(confusion: list[list[int]], classes: list[str]) -> list[dict]:
-    """report.compute_report's per-class rows (precision, recall, F1, support), from a confusion matrix
-    (rows true, columns predicted). An undefined precision, recall or F1 (nothing predicted, no images)
-    is 0, as torchmetrics scores it."""
-    matrix = torch.tensor(confusion, dtype=torch.float64)
-    hits, support, predicted = matrix.diagonal(), matrix.sum(dim=1), matrix.sum(dim=0)
-    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0.0)
-    recall = torch.where(support > 0, hits / support.clamp(min=1), 0.0)
-    both = precision + recall
-    f1 = torch.where(both > 0, 2 * precision * recall / both.clamp(min=1e-12), 0.0)
-    return [
-        {
-            "class": name,
-            "index": i,
-            "precision": precision[i].item(),
-            "recall": recall[i].item(),
-            "f1": f1[i].item(),
-            "support": int(support[i]),
-        }
-        for i, name in enumerate(classes)
-    ]
 
 
 def write_run_report(run_dir: Path) -> Path | None:

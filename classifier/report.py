@@ -147,6 +147,29 @@ def most_confused(confusion: torch.Tensor, classes: list[str], limit: int = 20) 
     return pairs
 
 
+def per_class_from_confusion(confusion: list[list[int]], classes: list[str]) -> list[dict]:
+    """compute_report's per-class rows (precision, recall, F1, support), from a confusion matrix
+    (rows true, columns predicted). An undefined precision, recall or F1 (nothing predicted, no images)
+    is 0, as torchmetrics scores it."""
+    matrix = torch.tensor(confusion, dtype=torch.float64)
+    hits, support, predicted = matrix.diagonal(), matrix.sum(dim=1), matrix.sum(dim=0)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0.0)
+    recall = torch.where(support > 0, hits / support.clamp(min=1), 0.0)
+    both = precision + recall
+    f1 = torch.where(both > 0, 2 * precision * recall / both.clamp(min=1e-12), 0.0)
+    return [
+        {
+            "class": name,
+            "index": i,
+            "precision": precision[i].item(),
+            "recall": recall[i].item(),
+            "f1": f1[i].item(),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(classes)
+    ]
+
+
 def worst_first(per_class: list[dict]) -> list[dict]:
     """Per-class rows ordered by F1, then recall, lowest first; classes without images go last."""
     return sorted(per_class, key=lambda row: (row["support"] == 0, row["f1"], row["recall"], row["index"]))

@@ -26,6 +26,7 @@ from PIL import Image
 import evaluate
 from classifier import checkpoint as ckpt
 from classifier import html_report
+from classifier.report import per_class_from_confusion
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -131,7 +132,7 @@ def test_page_escapes_orders_worst_first_and_embeds_every_image(tmp_path):
 def test_per_class_from_confusion_matches_hand_counts():
     # Rows true, columns predicted. Class a: 4 images, 2 right, predicted 3 times. Class b: 1 image, wrong,
     # predicted once (wrongly). Class c: no images, predicted once.
-    rows = html_report.per_class_from_confusion([[2, 1, 1], [1, 0, 0], [0, 0, 0]], ["a", "b", "c"])
+    rows = per_class_from_confusion([[2, 1, 1], [1, 0, 0], [0, 0, 0]], ["a", "b", "c"])
     assert [(r["support"], r["precision"], r["recall"]) for r in rows] == [
         (4, 2 / 3, 1 / 2),
         (1, 0, 0),
