@@ -29,8 +29,8 @@ from classifier.config import TrackingConfig, TrainConfig
 from classifier.files import write_text
 
 NAMES = ("tensorboard", "wandb", "mlflow")
-# The optional trackers: the module imported and the pyproject.toml extra that installs it.
-EXTRAS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+# The optional trackers; each name is both the module imported and the pyproject.toml extra installing it.
+OPTIONAL = ("wandb", "mlflow")
 IDS_FILE = "trackers.json"  # in the run directory: which W&B and MLflow runs a resume continues
 
 
@@ -44,19 +44,18 @@ def parse_names(text: str) -> list[str]:
     for name in names:
         if name not in NAMES:
             raise ValueError(f"--log: unknown tracker {name!r}; choose any of {choices}")
-        if name in EXTRAS:
+        if name in OPTIONAL:
             import_extra(name)
     return names
 
 
 def import_extra(name: str) -> ModuleType:
-    module, extra = EXTRAS[name]
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError as err:
         raise ValueError(
-            f"--log {name} needs the optional package {module!r}, which is not installed: "
-            f"pip install -e '.[{extra}]' ({err})"
+            f"--log {name} needs the optional package {name!r}, which is not installed: "
+            f"pip install -e '.[{name}]' ({err})"
         ) from None
 
 
@@ -67,7 +66,10 @@ def open_trackers(names: list[str], run_dir: Path, config: dict, settings: Track
     previous = json.loads(ids_path.read_text()) if ids_path.exists() else {}
     classes = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
     opened = [classes[name](run_dir, config, settings, previous.get(name)) for name in names]
-    ids = {**previous, **{name: tracker.ids for name, tracker in zip(names, opened, strict=True)}}
+    ids = dict(previous)
+    for name, tracker in zip(names, opened, strict=True):
+        if tracker.ids:  # TensorBoard has none: a resume writes to the same folder
+            ids[name] = tracker.ids
     write_text(ids_path, json.dumps(ids, indent=2) + "\n")
     return opened
 
@@ -78,7 +80,7 @@ class TensorBoard:
     def __init__(self, run_dir: Path, config: dict, settings: TrackingConfig, previous: dict | None):
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
-        self.ids = {"log_dir": str(run_dir / "tensorboard")}
+        self.ids = None
         self.where = f"tensorboard: {run_dir / 'tensorboard'} (view: tensorboard --logdir {run_dir.parent})"
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -16,13 +16,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import NO_DATA_REPORTS, TINY_RUN
 
 import train
 from classifier import trackers
 from classifier.cli import parse_cli
 from classifier.config import TrackingConfig
 from classifier.runlog import RunLog
-from tests.helpers import NO_DATA_REPORTS, TINY_RUN
 
 STEPS_BETWEEN_LOGS = 2
 
