@@ -70,7 +70,8 @@ def open_trackers(names: list[str], run_dir: Path, config: dict, settings: Track
     for name, tracker in zip(names, opened, strict=True):
         if tracker.ids:  # TensorBoard has none: a resume writes to the same folder
             ids[name] = tracker.ids
-    write_text(ids_path, json.dumps(ids, indent=2) + "\n")
+    if ids:  # a TensorBoard-only run has nothing to remember
+        write_text(ids_path, json.dumps(ids, indent=2) + "\n")
     return opened
 
 

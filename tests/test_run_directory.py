@@ -289,3 +289,10 @@ def test_the_run_writes_report_html_for_its_best_epoch(run):
     page = (run["dir"] / "report.html").read_text()
     assert f"best epoch {best['epoch']}</h1>" in page
     assert f'data-metric="balanced_accuracy" data-value="{json.dumps(best["value"])}"' in page
+
+
+def test_a_tensorboard_only_run_writes_no_trackers_file(run):
+    """trackers.json keeps the W&B and MLflow runs a resume continues; with TensorBoard alone (the default
+    --log) there is none, so no file is written."""
+    assert (run["dir"] / "tensorboard").is_dir()
+    assert not (run["dir"] / "trackers.json").exists()
