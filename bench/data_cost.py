@@ -3,11 +3,12 @@
     python bench/data_cost.py                          # Fashion-MNIST, 32 px crops, the default recipe
     python bench/data_cost.py --image-size 224 --root DIR
 
-Each stage of `ImageDataset.__getitem__` and of the collation is timed alone over the same images, in
-milliseconds of one core per image (median over repeats): decode (classifier.images.load_image),
-the training transform with its per-image seeding, the eval transform, and collating a batch. The last
-rows time the whole training and eval items, as a DataLoader worker runs them: with W workers and a
-training step that needs both cores, every millisecond here is taken from the step. Last, the start-up
+Each stage of `ImageDataset.__getitem__` and of `ImageDataset.collate` is timed alone over the same
+images, in milliseconds of one core per image (median over repeats): decode (classifier.images.load_image),
+the per-image stage of the training and eval transforms (uint8 crops), and the collation of a batch with
+the batch stage (ToDtype, Normalize). The last rows time the whole training and eval items, as a
+DataLoader worker runs them, batch stage included: with a training step that needs every core, every
+millisecond here is taken from the step. Last, the start-up
 scan (train.py's --data.scan-images: every file of the split decoded once, in `--scan-workers`
 processes) is timed over the whole train/ split, in wall-clock seconds.
 """
@@ -83,25 +84,30 @@ def main(args: BenchArgs) -> dict[str, float]:
     train_set = ImageDataset(samples, augment)
     eval_set = ImageDataset(samples, eval_transform(spec))
     decoded = [load_image(path) for path, _ in samples]  # also warms the file cache for the decode row
-    items = [train_set[(i, i)] for i in range(args.batch_size)]
+    batch = args.batch_size
+    items = [train_set[(i, i)] for i in range(batch)]
+    eval_items = [eval_set[i] for i in range(batch)]
 
     n, r = len(samples), args.repeats
+    train_collate = ms_per_item(lambda i: train_set.collate(items), 8, r) / batch
+    eval_collate = ms_per_item(lambda i: eval_set.collate(eval_items), 8, r) / batch
+    train_item = ms_per_item(lambda i: train_set[(i, i)], n, r)
+    eval_item = ms_per_item(lambda i: eval_set[i], n, r)
     rows = {
         "decode (load_image: open, EXIF, to RGB, to tensor)": ms_per_item(
             lambda i: load_image(samples[i][0]), n, r
         ),
-        "train transform alone (crop, flip, ToDtype, Normalize)": ms_per_item(
-            lambda i: augment(decoded[i]), n, r
-        ),
-        "eval transform alone (resize, center crop, ToDtype, Normalize)": ms_per_item(
+        "train per-image stage (crop, flip)": ms_per_item(lambda i: train_set.transform(decoded[i]), n, r),
+        "eval per-image stage (resize, center crop)": ms_per_item(
             lambda i: eval_set.transform(decoded[i]), n, r
         ),
-        f"collate a batch of {args.batch_size} (per image)": ms_per_item(
+        f"collate a batch of {batch}, stack only (per image)": ms_per_item(
             lambda i: default_collate(items), 8, r
         )
-        / args.batch_size,
-        "whole training item (ImageDataset[(index, seed)])": ms_per_item(lambda i: train_set[(i, i)], n, r),
-        "whole eval item (ImageDataset[index])": ms_per_item(lambda i: eval_set[i], n, r),
+        / batch,
+        f"collate a batch of {batch}, stack + batch stage: ToDtype, Normalize (per image)": train_collate,
+        "whole training item (ImageDataset[(index, seed)] + share of collate)": train_item + train_collate,
+        "whole eval item (ImageDataset[index] + share of collate)": eval_item + eval_collate,
     }
     print(
         f"{n} images from {args.root / 'train'} | {args.image_size} px | torch {torch.__version__}, 1 thread"

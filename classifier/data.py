@@ -12,18 +12,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from classifier import manifest
 from classifier.faults import ignore_signals_in_worker
 from classifier.groups import group_split, groups_from_pattern
 from classifier.images import IMAGE_EXTENSIONS, load_image
 from classifier.sampling import EpochSampler
+from classifier.transforms import Pipeline
 
 Sample = tuple[str, int]  # (file path, class index)
 
@@ -197,11 +198,15 @@ def fingerprint(splits: Splits) -> dict:
 
 class ImageDataset(Dataset):
     """(path, label) pairs -> (image tensor, label). A key is an index, or (index, seed) from
-    EpochSampler: the transform then draws its randomness from `seed`, not from worker state."""
+    EpochSampler: the transform then draws its randomness from `seed`, not from worker state. Given a
+    transforms.Pipeline, an item is its per-image stage's output (uint8) and `collate` runs its batch
+    stage on the stacked batch; make_loader collates with it. Any other callable runs whole, per image."""
 
-    def __init__(self, samples: Sequence[Sample], transform):
+    def __init__(self, samples: Sequence[Sample], transform: Pipeline | Callable):
         self.samples = list(samples)
-        self.transform = transform
+        staged = isinstance(transform, Pipeline)
+        self.transform = transform.per_image if staged else transform
+        self.batch_transform = transform.per_batch if staged else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -219,9 +224,16 @@ class ImageDataset(Dataset):
             torch.default_generator.manual_seed(seed)
             return self.transform(image), label
 
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items -> (images, labels) batch, with the batch stage of the transform applied."""
+        images, labels = default_collate(items)
+        if self.batch_transform is not None:
+            images = self.batch_transform(images)
+        return images, labels
+
 
 def make_loader(
-    dataset: Dataset,
+    dataset: ImageDataset,
     sampler: EpochSampler,
     *,
     batch_size: int,
@@ -233,6 +245,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=dataset.collate,
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=pin_memory,  # page-locked host memory lets the .to(device, non_blocking=True) overlap
@@ -251,9 +264,7 @@ def peek_batch(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     keys (ImageDataset seeds each key's transform under fork_rng; no worker is started); for the fast
     path's TensorLoader (pure by design: it seeds a generator per batch), its first batch."""
     if isinstance(loader, DataLoader):
-        items = [
-            loader.dataset[key] for key in itertools.islice(loader.sampler, min(count, loader.batch_size))
-        ]
-        return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+        keys = itertools.islice(loader.sampler, min(count, loader.batch_size))
+        return loader.collate_fn([loader.dataset[key] for key in keys])
     images, labels = next(iter(loader))
     return images[:count], labels[:count]

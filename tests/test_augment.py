@@ -67,7 +67,7 @@ def test_train_transform_off_is_the_transform_without_the_options_on_changes_it(
     off = train_transform(
         **REGULAR, auto_augment="none", randaugment_num_ops=5, randaugment_magnitude=20, random_erasing=0.0
     )
-    assert [type(t) for t in off.transforms] == [type(t) for t in plain.transforms]
+    assert [type(t) for t in off.per_image.transforms] == [type(t) for t in plain.per_image.transforms]
     for seed in range(5):
         torch.manual_seed(seed)
         expected = plain(image)
@@ -76,7 +76,7 @@ def test_train_transform_off_is_the_transform_without_the_options_on_changes_it(
 
     # On: the reference recipe's order, and a different image from the same seed.
     on = train_transform(**REGULAR, auto_augment="randaugment", random_erasing=0.5)
-    assert [type(t) for t in on.transforms] == [
+    assert [type(t) for t in on.per_image.transforms] == [
         T.RandomResizedCrop,
         T.RandomHorizontalFlip,
         T.RandAugment,
@@ -86,7 +86,7 @@ def test_train_transform_off_is_the_transform_without_the_options_on_changes_it(
         T.RandomErasing,
     ]
     trivial = train_transform(**REGULAR, auto_augment="trivialaugment")
-    assert isinstance(trivial.transforms[2], T.TrivialAugmentWide)
+    assert isinstance(trivial.per_image.transforms[2], T.TrivialAugmentWide)
     for transform in (on, trivial, train_transform(**REGULAR, random_erasing=1.0)):
         changed = 0
         for seed in range(5):

@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from classifier.data import ImageDataset, build_splits, class_counts, class_sort_key, fingerprint
+from classifier.data import (
+    ImageDataset,
+    build_splits,
+    class_counts,
+    class_sort_key,
+    fingerprint,
+    make_loader,
+    peek_batch,
+)
 from classifier.images import load_image
 from classifier.imbalance import inverse_frequency_weights
 from classifier.sampling import EpochSampler
@@ -255,3 +263,50 @@ def test_cpu_only_seeding_gives_the_pixels_of_torch_manual_seed(auto_augment, tm
             torch.manual_seed(seed)
             expected = aug(image)
         assert torch.equal(dataset[(0, seed)][0], expected), seed
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_batch_is_bit_for_bit_its_images_through_the_whole_transform(num_workers, tmp_path):
+    """ImageDataset yields a Pipeline's uint8 per-image output and its collate runs ToDtype and Normalize on
+    the stacked batch. Every batch, in workers or not, must equal its images passed one by one through
+    the whole transform (training: under the same per-image seeds), exactly; peek_batch too."""
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for i, (width, height) in enumerate([(30, 20), (17, 41), (24, 24), (40, 31), (21, 22), (33, 18)]):
+        pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(tmp_path / f"{i}.png")
+        samples.append((str(tmp_path / f"{i}.png"), i % 2))
+    images = [load_image(path) for path, _ in samples]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    spec = preprocessing_spec(image_size=16, resize_size=19, mean=mean, std=std, interpolation="bilinear")
+    augment = train_transform(
+        image_size=16,
+        crop_scale=(0.2, 1.0),
+        crop_ratio=(0.5, 2.0),
+        hflip=True,
+        color_jitter=0.3,
+        mean=mean,
+        std=std,
+        interpolation="bilinear",
+    )
+    for transform, shuffle in ((eval_transform(spec), False), (augment, True)):
+        dataset = ImageDataset(samples, transform)
+        assert dataset[(0, 5) if shuffle else 0][0].dtype == torch.uint8  # the per-image stage alone
+        sampler = EpochSampler(len(samples), shuffle=shuffle, seed=3)
+        loader = make_loader(
+            dataset, sampler, batch_size=4, num_workers=num_workers, drop_last=False, pin_memory=False
+        )
+        expected = []
+        for key in sampler:
+            index, seed = key if shuffle else (key, None)
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.default_generator.manual_seed(seed)
+                expected.append(transform(images[index]))
+        batches = list(loader)
+        assert [len(labels) for _, labels in batches] == [4, 2]
+        got = torch.cat([batch for batch, _ in batches])
+        assert got.dtype == torch.float32 and got.shape == (6, 3, 16, 16)
+        assert torch.equal(got, torch.stack(expected))
+        assert torch.equal(peek_batch(loader, 3)[0], got[:3])
+        assert got.mean().abs() < 1.0  # normalized: the uint8 range would put it near 127

@@ -183,7 +183,7 @@ def test_sampler_and_logit_adjustment_end_to_end(fmnist_root, tmp_path, repo_roo
     cfg = state["config"]["data"]
     splits = build_splits(root, cfg["val_fraction"], 0, classes=state["classes"])
     val = ImageDataset(splits.val, eval_transform(state["preprocessing"]))
-    images = torch.stack([val[i][0] for i in range(len(val))])
+    images, _ = val.collate([val[i] for i in range(len(val))])  # normalized, as validation sees them
     labels = torch.tensor([label for _, label in splits.val])
     with torch.no_grad():
         adjusted_logits = model(images)

@@ -312,21 +312,31 @@ def test_a_diverging_run_stops_before_saving_anything_nonfinite(fmnist_small_roo
 
 
 def poison_first_training_image(monkeypatch) -> list[str]:
-    """Make training image 0 all NaN (regular path, main-process loading). Returns the list its file's
-    path is appended to each time it is served."""
+    """Make training image 0 all NaN in its batch (regular path, main-process loading). The dataset's items
+    are uint8, which cannot hold a NaN, so the item is only marked in __getitem__ and its row of the
+    normalized batch is set to NaN in collate. Returns the list its file's path is appended to each time
+    it is served."""
     from classifier.data import ImageDataset
 
-    real_getitem = ImageDataset.__getitem__
-    served = []
+    real_getitem, real_collate = ImageDataset.__getitem__, ImageDataset.collate
+    served, marked = [], []
 
-    def poisoned(self, key):
+    def poisoned_getitem(self, key):
         image, label = real_getitem(self, key)
         if isinstance(key, tuple) and key[0] == 0:  # a training draw (the val loader passes plain indices)
             served.append(self.samples[0][0])
-            return torch.full_like(image, float("nan")), label
+            marked.append(image)
         return image, label
 
-    monkeypatch.setattr(ImageDataset, "__getitem__", poisoned)
+    def poisoned_collate(self, items):
+        images, labels = real_collate(self, items)
+        for position, (image, _) in enumerate(items):
+            if any(image is bad for bad in marked):
+                images[position] = float("nan")
+        return images, labels
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", poisoned_getitem)
+    monkeypatch.setattr(ImageDataset, "collate", poisoned_collate)
     return served
 
 
