@@ -8,9 +8,9 @@ images, in milliseconds of one core per image (median over repeats): decode (cla
 the per-image stage of the training and eval transforms (uint8 crops), and the collation of a batch with
 the batch stage (ToDtype, Normalize). The last rows time the whole training and eval items, as a
 DataLoader worker runs them, batch stage included: with a training step that needs every core, every
-millisecond here is taken from the step. Last, the start-up
-scan (train.py's --data.scan-images: every file of the split decoded once, in `--scan-workers`
-processes) is timed over the whole train/ split, in wall-clock seconds.
+millisecond here is taken from the step. Last, the start-up scan (train.py's --data.scan-images: every
+file of the split decoded once, in `--scan-workers` processes) is timed over the whole train/ split, in
+wall-clock seconds.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ same images, same DataLoader settings, in one process.
 
 Three passes over the same images, taking turns within every repeat:
   bare         the model alone on batches already in memory: the limit
-  ours         classifier.data.ImageDataset + transforms.eval_transform (decode to a uint8 tensor, v2 resize,
-               center crop, ToDtype, Normalize) in DataLoader workers, then validation.validate with its
-               metrics (top-1/5, per-class accuracy, macro F1, AUROC, confusion matrix, loss)
+  ours         classifier.data.ImageDataset + transforms.eval_transform (decode to a uint8 tensor, v2 resize
+               and center crop per image, ToDtype and Normalize per batch) in DataLoader workers, then
+               validation.validate with its metrics (top-1/5, per-class accuracy, macro F1, AUROC, confusion
+               matrix, loss)
   torchvision  the reference scripts' evaluation (references/classification: ImageFolder read with PIL,
                Resize, CenterCrop, PILToTensor, ConvertImageDtype, Normalize; cross-entropy and top-1/top-5
                per batch), written out here because the reference scripts are not in the pip package

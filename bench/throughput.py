@@ -6,7 +6,8 @@
 
 Three ways to feed the same model step (forward, backward, AdamW step) at the same batch size and precision:
   bare     batches already on the device as float tensors: the limit, no data work at all
-  regular  classifier.data, .transforms: PNG decode + v2 transforms per image in DataLoader workers
+  regular  classifier.data, .transforms: PNG decode + v2 uint8 transforms per image in DataLoader
+           workers, ToDtype + Normalize once per batch in the loader's collate
   fast     classifier.fastdata, .batch_augment: decoded once into uint8 tensors, augmented a batch at a time
 The paths take turns within every repeat, so a burst of load from other processes hits all of them;
 the table shows the median images/s and the median of each repeat's ratio to the bare loop.

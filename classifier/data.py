@@ -204,9 +204,10 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[Sample], transform: Pipeline | Callable):
         self.samples = list(samples)
-        staged = isinstance(transform, Pipeline)
-        self.transform = transform.per_image if staged else transform
-        self.batch_transform = transform.per_batch if staged else None
+        if isinstance(transform, Pipeline):
+            self.transform, self.batch_transform = transform.per_image, transform.per_batch
+        else:
+            self.transform, self.batch_transform = transform, None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -261,7 +262,8 @@ def make_loader(
 def peek_batch(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` (images, labels) of the batch `loader` yields first, without touching any RNG or
     iterator state: for a DataLoader over an EpochSampler, from the dataset directly with the sampler's
-    keys (ImageDataset seeds each key's transform under fork_rng; no worker is started); for the fast
+    keys, collated as the loader collates (ImageDataset seeds each key's transform under fork_rng; no
+    worker is started); for the fast
     path's TensorLoader (pure by design: it seeds a generator per batch), its first batch."""
     if isinstance(loader, DataLoader):
         keys = itertools.islice(loader.sampler, min(count, loader.batch_size))
