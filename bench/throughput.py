@@ -9,6 +9,13 @@ Three ways to feed the same model step (forward, backward, AdamW step) at the sa
   regular  classifier.data, .transforms: PNG decode + v2 uint8 transforms per image in DataLoader
            workers, ToDtype + Normalize once per batch in the loader's collate
   fast     classifier.fastdata, .batch_augment: decoded once into uint8 tensors, augmented a batch at a time
+and, with --peers (the default), the peers' per-image pipelines on the same step, DataLoader settings and
+augmentation parameters, each file read as both peers read it (PIL open, convert to RGB):
+  torchvision  references/classification/presets.py's training preset with its defaults (PIL backend):
+               RandomResizedCrop and RandomHorizontalFlip on the PIL image, PILToTensor, ConvertImageDtype,
+               Normalize; written out here because the reference scripts are not in the pip package
+  timm         timm.data.create_transform(is_training=True): its PIL crop and flip, ToTensor, Normalize;
+               only when timm is installed (`pip install timm`: not a dependency of this project)
 The paths take turns within every repeat, so a burst of load from other processes hits all of them;
 the table shows the median images/s and the median of each repeat's ratio to the bare loop.
 """
@@ -27,7 +34,11 @@ from typing import Literal
 
 import torch
 import tyro
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as v1
+from torchvision.transforms import InterpolationMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `classifier` without installing the repo
 
@@ -73,6 +84,8 @@ class BenchArgs:
     """ResNet18 with the 3x3 stride-1 stem and no max-pool (more compute per 32 px image)."""
     seed: int = 0
     """Seeds the subset, the model and the data order."""
+    peers: bool = True
+    """Also time torchvision's and (when installed) timm's per-image pipelines (the first --workers count)."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -99,6 +112,84 @@ def endless(loader, sampler: EpochSampler, first_epoch: int) -> Iterator:
     """Batches of epoch after epoch, as train.py draws them (set_epoch, then iterate the loader)."""
     for epoch in itertools.count(first_epoch):
         sampler.set_epoch(epoch)
+        yield from loader
+
+
+class PilImages(Dataset):
+    """(path, label) -> (transform(image), label), each file read as torchvision's ImageFolder and timm's
+    ImageDataset read it: PIL.Image.open, then convert('RGB')."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with open(path, "rb") as file:
+            image = Image.open(file).convert("RGB")
+        return self.transform(image), label
+
+
+def torchvision_reference_transform(image_size: int, d: DataConfig) -> Callable:
+    """ClassificationPresetTrain(crop_size=image_size, hflip_prob=0.5) of references/classification with
+    its default PIL backend, given this project's crop scale, ratio, interpolation, mean and std."""
+    return v1.Compose(
+        [
+            v1.RandomResizedCrop(
+                image_size,
+                scale=d.crop_scale,
+                ratio=d.crop_ratio,
+                interpolation=InterpolationMode(d.interpolation),
+                antialias=True,
+            ),
+            v1.RandomHorizontalFlip(0.5),
+            v1.PILToTensor(),
+            v1.ConvertImageDtype(torch.float),
+            v1.Normalize(d.mean, d.std),
+        ]
+    )
+
+
+def timm_transform(image_size: int, d: DataConfig) -> Callable | None:
+    """timm's training transform with the same parameters; None when timm is not installed."""
+    try:
+        from timm.data import create_transform
+    except ImportError:
+        return None
+    return create_transform(
+        image_size,
+        is_training=True,
+        scale=d.crop_scale,
+        ratio=d.crop_ratio,
+        hflip=0.5 if d.hflip else 0.0,
+        color_jitter=d.color_jitter or None,  # None: no jitter step at all, as ours has none when it is 0
+        interpolation=d.interpolation,
+        mean=d.mean,
+        std=d.std,
+    )
+
+
+def peer_loader(
+    dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool, seed: int
+) -> DataLoader:
+    """The DataLoader settings of data.make_loader, with a shuffling sampler instead of EpochSampler."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def forever(loader: DataLoader) -> Iterator:
+    while True:
         yield from loader
 
 
@@ -163,6 +254,23 @@ def main(args: BenchArgs) -> dict[str, float]:
             pin_memory=device.type == "cuda",
         )
         regular[workers] = (loader, sampler)
+
+    peers = {}  # name -> loader
+    if args.peers:
+        transforms = {"torchvision": torchvision_reference_transform(args.image_size, d)}
+        timm = timm_transform(args.image_size, d)
+        if timm is None:
+            print("timm is not installed: no timm row (pip install timm to add it)")
+        else:
+            transforms["timm"] = timm
+        for name, transform in transforms.items():
+            peers[name] = peer_loader(
+                PilImages(samples, transform),
+                batch_size=args.batch_size,
+                workers=args.workers[0],
+                pin_memory=device.type == "cuda",
+                seed=args.seed,
+            )
 
     start = time.perf_counter()
     images, labels = decode_split(samples, spec["resize_shorter_side"], d.interpolation)
@@ -238,6 +346,9 @@ def main(args: BenchArgs) -> dict[str, float]:
         labels_of[name] = f"regular path ({workers} worker{'s' if workers != 1 else ''})"
     paths["fast"] = lambda r: endless(fast_loader, fast_sampler, first_epoch=r * 1000)
     labels_of["fast"] = "fast path (uint8 cache, batch augment)"
+    for name, loader in peers.items():
+        paths[name] = lambda r, loader=loader: forever(loader)
+        labels_of[name] = f"{name}'s per-image pipeline ({args.workers[0]} workers)"
     rates: dict[str, list[float]] = {name: [] for name in paths}
     for r in range(args.repeats):
         names = list(paths)[r % len(paths) :] + list(paths)[: r % len(paths)]  # no path always runs first
