@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         log.print(choice.line(name))
     precision = choices["precision"].value  # 'fp32', 'bf16' or 'fp16'
     channels_last = choices["channels_last"].value
-    num_workers = choices["num_workers"].value
+    num_workers = choices["num_workers"].value  # validation's loader, the image scan, the fast path's decode
     if resumed is not None:
         resume.check_resumed_precision(resumed, precision, cfg.accept_config_changes)
         resume.check_resumed_rng(resumed, cfg.accept_config_changes)
@@ -143,8 +143,10 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         world_size=world,
     )
     val_sampler = EpochSampler(len(val_set), shuffle=False, rank=dist_info.rank, world_size=world)
-    workers = 0 if cfg.debug else num_workers  # main-process loading: breakpoints in data code work
-    loader_args = dict(batch_size=cfg.data.batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    # --debug loads in this process (0 workers), where breakpoints in data code work.
+    workers = 0 if cfg.debug else num_workers
+    train_workers = 0 if cfg.debug else choices["train_loader_workers"].value
+    loader_args = dict(batch_size=cfg.data.batch_size, pin_memory=device.type == "cuda")
     if cfg.data.fast_path:  # decoded once into tensors, augmented a batch at a time on the device
         train_loader, val_loader = fastdata.make_tensor_loaders(
             splits,
@@ -158,8 +160,12 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
             progress=cfg.progress and dist_info.is_main,
         )
     else:
-        train_loader = data.make_loader(train_set, train_sampler, drop_last=True, **loader_args)
-        val_loader = data.make_loader(val_set, val_sampler, drop_last=False, **loader_args)
+        train_loader = data.make_loader(
+            train_set, train_sampler, num_workers=train_workers, drop_last=True, **loader_args
+        )
+        val_loader = data.make_loader(
+            val_set, val_sampler, num_workers=workers, drop_last=False, **loader_args
+        )
     on_exit.callback(faults.shutdown_workers, train_loader)
     on_exit.callback(faults.shutdown_workers, val_loader)
 
@@ -362,7 +368,10 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
         log.figure("train/batch", figure, 0)
     if cfg.debug:  # can the model fit one fixed batch? A copy trains; the run is untouched.
         first_batch = EpochSampler(len(train_set), shuffle=False)
-        images, labels = next(iter(data.make_loader(train_set, first_batch, drop_last=True, **loader_args)))
+        one_batch = data.make_loader(
+            train_set, first_batch, num_workers=train_workers, drop_last=True, **loader_args
+        )
+        images, labels = next(iter(one_batch))
         faults.check_overfits(
             model, images.to(device), labels.to(device), cfg.debug_overfit_failure, log.print
         )
@@ -578,7 +587,9 @@ def train(cfg: TrainConfig, stop: faults.StopRequest, on_exit: ExitStack) -> dic
     if cfg.label_issues and not cfg.debug:
         train_as_val = data.ImageDataset(splits.train, transforms.eval_transform(preprocessing))
         in_order = EpochSampler(len(train_as_val), shuffle=False, rank=dist_info.rank, world_size=world)
-        queue_loader = data.make_loader(train_as_val, in_order, drop_last=False, **loader_args)
+        queue_loader = data.make_loader(
+            train_as_val, in_order, num_workers=workers, drop_last=False, **loader_args
+        )
         on_exit.callback(faults.shutdown_workers, queue_loader)
         label_issues.queue_training_images(
             run_dir,

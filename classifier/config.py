@@ -100,7 +100,8 @@ class DataConfig:
     """Images per device per forward pass. The global batch is batch_size * world size * grad_accum_steps."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes per training process; 0 loads in the main process, as --debug does.
-    'auto': this process's share of the usable cores, at most 4 (classifier/hardware.py)."""
+    'auto': this process's share of the usable cores, at most 4; on a CPU with two cores or fewer, none
+    for the training loader, whose step already fills them (classifier/hardware.py)."""
     fast_path: bool = False
     """Small images: decode every image once into a uint8 tensor and augment whole batches on the device
     (classifier/fastdata.py): no per-image PIL work and no worker processes while training."""

@@ -111,6 +111,51 @@ def test_workers_follow_the_cores(monkeypatch):
     assert hardware.resolve_num_workers(0, processes_per_node=1).value == 0
 
 
+def test_the_training_loader_has_no_workers_on_a_cpu_the_step_fills(monkeypatch):
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    auto = hardware.resolve_num_workers("auto", processes_per_node=1)
+    chosen = hardware.resolve_train_loader_workers("auto", auto, CPU, processes_per_node=1)
+    assert (auto.value, chosen.value) == (2, 0) and "2 threads fill" in chosen.reason
+    # Any other case keeps num_workers: a GPU does the step; a number asked for is kept.
+    assert hardware.resolve_train_loader_workers("auto", auto, CUDA, processes_per_node=1).value == 2
+    asked = hardware.resolve_num_workers(2, processes_per_node=1)
+    assert hardware.resolve_train_loader_workers(2, asked, CPU, processes_per_node=1).value == 2
+    # The step on one thread (OMP_NUM_THREADS=1, as torchrun sets) leaves a core to a worker.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert hardware.resolve_train_loader_workers("auto", auto, CPU, processes_per_node=1).value == 2
+    # More cores than two: workers, as num_workers says.
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    auto = hardware.resolve_num_workers("auto", processes_per_node=1)
+    assert hardware.resolve_train_loader_workers("auto", auto, CPU, processes_per_node=1).value == 4
+    # Two cores per process under torchrun, both running the step: none.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    auto = hardware.resolve_num_workers("auto", processes_per_node=4)
+    assert hardware.resolve_train_loader_workers("auto", auto, CPU, processes_per_node=4).value == 0
+
+
+def test_a_two_core_run_loads_training_batches_in_the_process(monkeypatch, fmnist_small_root, tmp_path):
+    """With --data.num-workers auto on a 2-core CPU: the training loader has no workers, validation two,
+    and config.json says so with the reason."""
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    workers = []  # of each loader train.py makes, in order
+    make_loader = train.data.make_loader
+
+    def recording_make_loader(dataset, sampler, **kwargs):
+        workers.append(kwargs["num_workers"])
+        return make_loader(dataset, sampler, **kwargs)
+
+    monkeypatch.setattr(train.data, "make_loader", recording_make_loader)
+    train.main(tiny_run(fmnist_small_root, tmp_path, "two-cores", "--data.num-workers", "auto"))
+    resolved = json.loads((tmp_path / "two-cores" / "config.json").read_text())["resolved"]
+    assert resolved["num_workers"]["value"] == 2
+    assert resolved["train_loader_workers"]["requested"] == "auto"
+    assert resolved["train_loader_workers"]["value"] == 0
+    assert workers[:2] == [0, 2]  # the training loader, then validation's
+
+
 def tiny_run(root, out, name, *extra):
     """Two batches of small_resnet at 32 px: some of these runs train in bf16, which a CPU without native
     bf16 emulates (12x slower than fp32 with AVX2 only), so the model and images are kept small."""
