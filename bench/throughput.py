@@ -133,23 +133,18 @@ class PilImages(Dataset):
 
 
 def torchvision_reference_transform(image_size: int, d: DataConfig) -> Callable:
-    """ClassificationPresetTrain(crop_size=image_size, hflip_prob=0.5) of references/classification with
-    its default PIL backend, given this project's crop scale, ratio, interpolation, mean and std."""
-    return v1.Compose(
-        [
-            v1.RandomResizedCrop(
-                image_size,
-                scale=d.crop_scale,
-                ratio=d.crop_ratio,
-                interpolation=InterpolationMode(d.interpolation),
-                antialias=True,
-            ),
-            v1.RandomHorizontalFlip(0.5),
-            v1.PILToTensor(),
-            v1.ConvertImageDtype(torch.float),
-            v1.Normalize(d.mean, d.std),
-        ]
+    """ClassificationPresetTrain(crop_size=image_size) of references/classification with its default PIL
+    backend, given this project's crop scale, ratio, flip, interpolation, mean and std."""
+    crop = v1.RandomResizedCrop(
+        image_size,
+        scale=d.crop_scale,
+        ratio=d.crop_ratio,
+        interpolation=InterpolationMode(d.interpolation),
+        antialias=True,
     )
+    flip = [v1.RandomHorizontalFlip(0.5)] if d.hflip else []  # the preset adds it for hflip_prob > 0
+    to_float = [v1.PILToTensor(), v1.ConvertImageDtype(torch.float), v1.Normalize(d.mean, d.std)]
+    return v1.Compose([crop, *flip, *to_float])
 
 
 def timm_transform(image_size: int, d: DataConfig) -> Callable | None:

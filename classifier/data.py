@@ -263,8 +263,8 @@ def peek_batch(loader, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` (images, labels) of the batch `loader` yields first, without touching any RNG or
     iterator state: for a DataLoader over an EpochSampler, from the dataset directly with the sampler's
     keys, collated as the loader collates (ImageDataset seeds each key's transform under fork_rng; no
-    worker is started); for the fast
-    path's TensorLoader (pure by design: it seeds a generator per batch), its first batch."""
+    worker is started); for the fast path's TensorLoader (pure by design: it seeds a generator per
+    batch), its first batch."""
     if isinstance(loader, DataLoader):
         keys = itertools.islice(loader.sampler, min(count, loader.batch_size))
         return loader.collate_fn([loader.dataset[key] for key in keys])

@@ -140,12 +140,17 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def core_share(processes_per_node: int) -> int:
+    """The usable cores of this process: the node's divided among its processes, at least one."""
+    return max(1, usable_cores() // max(1, processes_per_node))
+
+
 def resolve_num_workers(requested: int | str, processes_per_node: int) -> Choice:
     """DataLoader workers per process, from a number or 'auto': this process's share of the usable cores,
     at most 4 (past that, workers mostly wait on the training step) and at least 1, so decoding never runs
     in the training process. More workers than cores only makes the processes take turns."""
     cores = usable_cores()
-    share = max(1, cores // max(1, processes_per_node))
+    share = core_share(processes_per_node)
     if requested == "auto":
         return Choice(
             min(4, share),
@@ -170,9 +175,9 @@ def resolve_train_loader_workers(
     AMD EPYC (AVX2; fp32, channels_last, ResNet18 at 32 px), 0 and 2 workers taking turns in four runs:
     0.86-0.92 of the bare loop with 0, 0.83-0.87 with 2, never behind (median gain 0.035). Validation
     keeps num_workers: its step is several times cheaper than a training step, so loading in between
-    costs more than the stalls (bench/eval_speed.py, same machine: 0.59 of the bare pass with 2 workers,
-    0.52 with 0)."""
-    share = max(1, usable_cores() // max(1, processes_per_node))
+    costs more than the stalls (bench/eval_speed.py with a second, 0-worker pass added, same machine, one
+    run: 0.59 of the bare pass with 2 workers, 0.52 with 0)."""
+    share = core_share(processes_per_node)
     threads = torch.get_num_threads()
     if requested == "auto" and device.type == "cpu" and share <= 2 and threads >= share:
         return Choice(
